@@ -1,0 +1,218 @@
+"""Activation maximization: images synthesized by gradient ascent to excite chosen channels.
+
+All channels (of one or several layers) are optimized together as ONE batch: image ``k`` of the batch
+maximizes channel ``c_k`` of layer ``l_k``. That is valid because the model runs in eval mode, where no layer
+mixes the images of a batch. The images live in ``[0, 1]`` pixel space (sigmoid of a free parameter, in
+Fourier space with 1/f scaling and colour decorrelation by default) and are normalized with the model's
+``mean``/``std`` before the forward pass. Each step applies random jitter and scaling (from our own
+``torch.Generator``, never the global RNG) and penalizes total variation and L2 distance from grey.
+Gradients are taken with ``torch.autograd.grad`` with respect to the image parameter only, so the model's
+parameters and their ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnvis_tb.layers import resolve_layer, unwrap_model
+from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+
+__all__ = ["activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores"]
+
+# Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
+# parametrizations in the feature-visualization literature.
+_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
+
+
+@dataclass(frozen=True)
+class ActMaxConfig:
+    """Knobs of the optimization. Defaults suit 32–64 px models on a CPU; scale jitter up for 224 px."""
+
+    steps: int = 48
+    lr: float = 0.05
+    jitter: int = 2
+    scales: tuple[float, ...] = (0.95, 1.0, 1.05)
+    tv_weight: float = 0.05
+    l2_weight: float = 0.01
+    fourier: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+
+
+class _Parametrization:
+    """Maps a free parameter to ``[K, C, H, W]`` images in ``[0, 1]``."""
+
+    def __init__(self, k: int, c: int, h: int, w: int, fourier: bool, generator: torch.Generator, device):
+        self.shape = (k, c, h, w)
+        self.fourier = fourier
+        if fourier:
+            fy = torch.fft.fftfreq(h, device=device)[:, None]
+            fx = torch.fft.rfftfreq(w, device=device)[None, :]
+            freq = torch.sqrt(fx * fx + fy * fy).clamp_min(1.0 / max(h, w))
+            self.scale = (1.0 / freq) / math.sqrt(h * w)
+            init = torch.randn((k, c, h, w // 2 + 1, 2), generator=generator, device=device) * 0.01
+        else:
+            init = torch.randn((k, c, h, w), generator=generator, device=device) * 0.01
+        self.param = init.requires_grad_(True)
+        self.color = _COLOR_SQRT.to(device) if c == 3 else None
+
+    def images(self) -> torch.Tensor:
+        k, c, h, w = self.shape
+        if self.fourier:
+            spectrum = torch.view_as_complex(self.param) * self.scale
+            x = torch.fft.irfft2(spectrum, s=(h, w), norm="ortho") * 4.0
+        else:
+            x = self.param
+        if self.color is not None:
+            x = torch.einsum("kchw,dc->kdhw", x, self.color)
+        return torch.sigmoid(x)
+
+
+def _augment(x: torch.Tensor, cfg: ActMaxConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random jitter (circular shift) and scaling, keeping the size so any head still fits."""
+    h, w = x.shape[-2:]
+    if len(cfg.scales) > 1 or cfg.scales[0] != 1.0:
+        i = int(torch.randint(len(cfg.scales), (1,), generator=generator, device=generator.device))
+        s = cfg.scales[i]
+        if s != 1.0:
+            scaled = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            sh, sw = scaled.shape[-2:]
+            if s > 1.0:
+                top, left = (sh - h) // 2, (sw - w) // 2
+                x = scaled[..., top : top + h, left : left + w]
+            else:
+                pad = (0, w - sw, 0, h - sh)
+                x = F.pad(scaled, pad, mode="replicate")
+    if cfg.jitter:
+        dy, dx = (torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=generator, device=generator.device)).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    return x
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    if mean is None and std is None:
+        return x
+    c = x.shape[1]
+    m = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std if std is not None else [1.0] * c, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def channel_scores(acts: dict[str, torch.Tensor], targets: Sequence[tuple[str, int]]) -> torch.Tensor:
+    """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``."""
+    rows = []
+    for k, (layer, channel) in enumerate(targets):
+        a = acts[layer][k, channel]
+        rows.append(a.mean() if a.dim() > 0 else a)
+    return torch.stack(rows).float()
+
+
+def optimize_channels(
+    net: nn.Module,
+    modules: dict[str, nn.Module],
+    targets: Sequence[tuple[str, int]],
+    size: tuple[int, int],
+    image_channels: int,
+    *,
+    mean=None,
+    std=None,
+    config: ActMaxConfig = ActMaxConfig(),
+    stop_after: str | None = None,
+) -> torch.Tensor:
+    """Optimize one image per ``(layer name, channel)`` target, all in one batch. Returns ``[K, C, H, W]`` in [0, 1].
+
+    ``net`` must already be in eval mode with state preserved by the caller (``preserved``); ``modules`` maps the
+    layer names used in ``targets`` to their modules; ``stop_after`` cuts each forward pass after that layer.
+    """
+    device, dtype = model_device(net), model_dtype(net)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    param = _Parametrization(len(targets), image_channels, size[0], size[1], config.fourier, generator, device)
+    optimizer = torch.optim.Adam([param.param], lr=config.lr)
+    for _ in range(config.steps):
+        images = param.images()
+        x = _normalize(_augment(images, config, generator), mean, std).to(dtype)
+        with capture(modules, for_grad=True, stop_after=stop_after) as acts:
+            net(x)
+        objective = channel_scores(acts, targets).sum()
+        penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
+        loss = -objective + penalty * len(targets)
+        (grad,) = torch.autograd.grad(loss, [param.param])
+        param.param.grad = grad
+        optimizer.step()
+    with torch.no_grad():
+        return param.images().detach().float()
+
+
+def activation_maximization(
+    model: nn.Module,
+    layer: str | nn.Module,
+    channels: Sequence[int],
+    size: tuple[int, int] | int,
+    *,
+    image_channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    steps: int = 48,
+    lr: float = 0.05,
+    jitter: int = 2,
+    fourier: bool = True,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Synthesize one image per channel of ``layer`` that excites that channel, all optimized as one batch.
+
+    Args:
+        model: the network (wrappers looked through); it runs in eval mode and is restored afterwards.
+        layer: module or ``named_modules()`` name.
+        channels: channel indices of the layer's output to maximize.
+        size: ``(H, W)`` or ``S`` of the synthesized images (the model's input size).
+        image_channels: channels of the model's input (3 for RGB, 1 for grayscale).
+        mean, std: the model's input normalization; images are optimized in ``[0, 1]`` and normalized before
+            the forward pass.
+        steps, lr, jitter, fourier, seed: optimization settings (see :class:`ActMaxConfig`).
+
+    Returns:
+        ``[len(channels), image_channels, H, W]`` float in ``[0, 1]``, detached, on the model's device.
+    """
+    net = unwrap_model(model)
+    name, module = resolve_layer(net, layer)
+    channels = [int(c) for c in channels]
+    if not channels:
+        raise ValueError("channels must name at least one channel")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    config = ActMaxConfig(steps=steps, lr=lr, jitter=jitter, fourier=fourier, seed=seed)
+    with preserved(net):
+        probe_out = _layer_channels(net, name, module, image_channels, (h, w), mean, std)
+        bad = [c for c in channels if not 0 <= c < probe_out]
+        if bad:
+            raise ValueError(f"channels {bad} out of range: layer {name!r} has {probe_out} channels")
+        return optimize_channels(
+            net, {name: module}, [(name, c) for c in channels], (h, w), image_channels,
+            mean=mean, std=std, config=config, stop_after=name,
+        )
+
+
+def _layer_channels(net, name, module, image_channels, size, mean, std) -> int:
+    x = torch.full((1, image_channels, *size), 0.5, device=model_device(net), dtype=model_dtype(net))
+    with torch.no_grad(), capture({name: module}, stop_after=name) as acts:
+        net(_normalize(x, mean, std))
+    if name not in acts:
+        raise RuntimeError(f"layer {name!r} did not run in the forward pass")
+    return acts[name].shape[1]

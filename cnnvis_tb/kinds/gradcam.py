@@ -1,0 +1,120 @@
+"""Grad-CAM and Grad-CAM++: class-discriminative heatmaps from a layer's activations and gradients.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the hooked activation only, so parameters'
+``.grad`` are never touched, and each image gets its own target class. Maps are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
+from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+
+__all__ = ["grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "METHODS"]
+
+METHODS = ("gradcam", "gradcam++")
+_EPS = 1e-7
+
+
+def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
+    """Class activation maps ``[N, h, w]`` (ReLU applied, not normalized) from ``[N, K, h, w]`` tensors.
+
+    * ``gradcam``:   ``relu(sum_k mean_ij(g_k) * A_k)``
+    * ``gradcam++``: ``alpha = g² / (2 g² + sum_ij(A) g³)`` (0 where the denominator is 0),
+      ``w_k = sum_ij(alpha * relu(g))``, ``relu(sum_k w_k A_k)``
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    a = activations.detach().float()
+    g = gradients.detach().float()
+    if method == "gradcam":
+        weights = g.mean(dim=(2, 3), keepdim=True)
+    else:
+        g2 = g * g
+        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g
+        alpha = torch.where(denom.abs() > 0, g2 / torch.where(denom.abs() > 0, denom, torch.ones_like(denom)), 0.0)
+        weights = (alpha * g.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
+    return (weights * a).sum(dim=1).clamp_min(0)
+
+
+def normalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resize ``[N, h, w]`` maps bilinearly to ``size`` and scale each to ``[0, 1]`` by its own min and max.
+
+    A constant map (for instance all zero, when no location supports the class) becomes all zero rather
+    than NaN.
+    """
+    maps = maps.float()
+    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    hi = maps.amax(dim=(1, 2), keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(_EPS) * ((hi - lo) > _EPS)
+
+
+def resolve_targets(targets: int | Sequence[int] | torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+    """Per-image class indices ``[N]`` (long, on ``scores``' device): None → predicted class, int → that class
+    for every image, sequence/tensor → one class per image. Out-of-range classes raise ``ValueError``."""
+    n, num_classes = scores.shape
+    if targets is None:
+        return scores.detach().argmax(dim=1)
+    if isinstance(targets, int):
+        t = torch.full((n,), targets, dtype=torch.long, device=scores.device)
+    else:
+        t = torch.as_tensor(targets, device=scores.device).long().flatten()
+        if t.numel() != n:
+            raise ValueError(f"targets must give one class per image: expected {n}, got {t.numel()}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"target class out of range: model has {num_classes} classes, got {t.tolist()}")
+    return t
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str | nn.Module,
+    targets: int | Sequence[int] | torch.Tensor | None = None,
+    method: str = "gradcam",
+    *,
+    output_selector: Callable[[object], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Grad-CAM (``method="gradcam"``) or Grad-CAM++ (``"gradcam++"``) heatmaps for ``images``.
+
+    Args:
+        model: a classifier; wrappers (DataParallel, DDP, ``torch.compile``) are looked through.
+        images: ``[N, C, H, W]`` as the model sees them (normalized).
+        layer: the module or its ``named_modules()`` name, e.g. ``"layer4"``.
+        targets: None (each image's predicted class), an int (one class for all) or one class per image.
+        method: ``"gradcam"`` or ``"gradcam++"``.
+        output_selector: picks the ``[N, num_classes]`` scores from a model returning a tuple or dict.
+
+    Returns:
+        Detached float32 ``[N, H, W]`` at the input's resolution, each map scaled to ``[0, 1]``.
+        The model is left exactly as it was (modes, gradients, RNG, hooks).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {shape}")
+    net = unwrap_model(model)
+    name, module = resolve_layer(net, layer)
+    with preserved(net):
+        x = images.detach().to(device=model_device(net), dtype=model_dtype(net))
+        with capture({name: module}, for_grad=True) as acts:
+            scores = select_output(net(x), output_selector)
+        if name not in acts:
+            raise RuntimeError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
+        if acts[name].dim() != 4:
+            raise ValueError(
+                f"layer {name!r} outputs shape {tuple(acts[name].shape)}; Grad-CAM needs a spatial map [N, C, H, W]"
+            )
+        t = resolve_targets(targets, scores)
+        score = scores.gather(1, t[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, acts[name])
+        maps = cam_from_gradients(acts[name], grads, method)
+    return normalize_maps(maps, tuple(images.shape[-2:])).detach()

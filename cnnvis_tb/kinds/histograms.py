@@ -1,0 +1,61 @@
+"""Parameter and gradient histograms, binned on the tensor's own device so only the counts travel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnvis_tb import tags
+
+__all__ = ["histogram", "log_histograms"]
+
+
+@torch.no_grad()
+def histogram(values: torch.Tensor, bins: int = 64) -> dict | None:
+    """Summary of the finite values of a tensor: ``{"min", "max", "num", "sum", "sum_squares",
+    "bucket_limits", "bucket_counts", "nonfinite"}`` (arguments of ``SummaryWriter.add_histogram_raw``),
+    or None when no value is finite."""
+    v = values.detach().flatten().float()
+    finite = torch.isfinite(v)
+    nonfinite = int(v.numel() - finite.sum())
+    if nonfinite:
+        v = v[finite]
+    if v.numel() == 0:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1e-6 * max(1.0, abs(lo))
+    counts = torch.histc(v, bins=bins, min=lo, max=hi)
+    limits = torch.linspace(lo, hi, bins + 1)[1:]
+    return {
+        "min": lo,
+        "max": hi,
+        "num": int(v.numel()),
+        "sum": float(v.sum()),
+        "sum_squares": float((v * v).sum()),
+        "bucket_limits": limits.tolist(),
+        "bucket_counts": counts.cpu().tolist(),
+        "nonfinite": nonfinite,
+    }
+
+
+def log_histograms(writer, model: nn.Module, step: int, bins: int = 64) -> dict[str, int]:
+    """Write a histogram of every parameter (and of its ``.grad`` when present) under ``cnnvis/histograms/``.
+
+    Returns ``{tag: number of non-finite values skipped}`` for the tensors that had any.
+    """
+    skipped: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        for view, tensor in (("weight", param), ("grad", param.grad)):
+            if tensor is None:
+                continue
+            tag = tags.histogram_tag(name, view)
+            summary = histogram(tensor, bins)
+            if summary is None:
+                skipped[tag] = tensor.numel()
+                continue
+            nonfinite = summary.pop("nonfinite")
+            if nonfinite:
+                skipped[tag] = nonfinite
+            writer.add_histogram_raw(tag, global_step=step, **summary)
+    return skipped

@@ -1,0 +1,95 @@
+"""Kernel grids: what each convolution's filters look like (Zeiler & Fergus style).
+
+Pixel mapping (documented so it can be checked): every weight ``w`` of a layer is drawn as
+``0.5 + 0.5 * w / max|W|`` where ``max|W|`` is the largest finite magnitude in the shown weights, so 0 is
+mid-grey / white and the scale is shared by all kernels of the layer (strong and weak kernels stay comparable
+across kernels and across steps). Kernels with exactly 3 input channels (an RGB first layer) are drawn as
+colour patches; every other kernel is drawn one input channel at a time as a heat patch in a diverging
+colormap (blue < 0 < red). Non-finite weights are drawn as 0 and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnvis_tb.render import colorize, make_grid, upscale
+
+__all__ = ["kernel_grid", "KernelGrid", "render_kernels"]
+
+
+@dataclass
+class KernelGrid:
+    """A rendered kernel grid and what it leaves out."""
+
+    image: torch.Tensor  # [3, H, W] in [0, 1]
+    shown_out: int
+    total_out: int
+    shown_in: int
+    total_in: int
+    nonfinite: int
+
+    @property
+    def note(self) -> str:
+        parts = []
+        if self.shown_out < self.total_out:
+            parts.append(f"showing the first {self.shown_out} of {self.total_out} kernels")
+        if self.shown_in < self.total_in:
+            parts.append(f"the first {self.shown_in} of {self.total_in} input channels each")
+        if self.nonfinite:
+            parts.append(f"{self.nonfinite} non-finite weights drawn as 0")
+        return "; ".join(parts)
+
+
+@torch.no_grad()
+def render_kernels(
+    weight: torch.Tensor, *, max_kernels: int = 64, max_in_channels: int = 16, min_tile: int = 16, padding: int = 1
+) -> KernelGrid:
+    """Render a ``[O, I, kh, kw]`` weight as a grid; see the module docs for the pixel mapping.
+
+    RGB kernels (``I == 3``) and single-channel kernels (``I == 1``: grayscale input, depthwise convolutions)
+    are laid out in a near-square grid, one tile per kernel. Other kernels get one row per output channel
+    and one column per input channel. Tiles are enlarged with nearest-neighbour by an integer factor so the
+    shorter side is at least ``min_tile`` pixels.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"kernel weight must be [out, in, kh, kw], got {shape}")
+    if max_kernels < 1 or max_in_channels < 1:
+        raise ValueError("max_kernels and max_in_channels must be >= 1")
+    total_out, total_in = weight.shape[:2]
+    rgb = total_in == 3
+    shown_in = total_in if rgb else min(total_in, max_in_channels)
+    w = weight.detach()[:max_kernels, :shown_in].float().cpu()
+    finite = torch.isfinite(w)
+    nonfinite = int((~finite).sum())
+    w = torch.where(finite, w, torch.zeros_like(w))
+    scale = w.abs().max().clamp_min(1e-12)
+    values = 0.5 + 0.5 * w / scale  # [O, I, kh, kw] in [0, 1]
+    if rgb:
+        tiles, ncol = values, None
+    else:
+        o, i, kh, kw = values.shape
+        tiles = colorize(values.reshape(o * i, kh, kw), "rdbu")  # [O*I, 3, kh, kw], row-major: out, then in
+        ncol = None if i == 1 else i
+    grid = make_grid(upscale(tiles, min_tile), ncol=ncol, padding=padding, pad_value=1.0)
+    return KernelGrid(grid, w.shape[0], total_out, shown_in, total_in, nonfinite)
+
+
+def kernel_grid(
+    layer: nn.Module | torch.Tensor, *, max_kernels: int = 64, max_in_channels: int = 16, min_tile: int = 16
+) -> torch.Tensor:
+    """Picture of a convolution's kernels: ``[3, H, W]`` float in ``[0, 1]``.
+
+    Args:
+        layer: an ``nn.Conv2d`` (grouped and depthwise convolutions included) or its ``[O, I, kh, kw]`` weight.
+        max_kernels: at most this many output kernels are drawn (the first ones).
+        max_in_channels: for non-RGB kernels, at most this many input channels per kernel.
+        min_tile: shorter side of a tile in pixels (nearest-neighbour enlargement by an integer factor).
+    """
+    weight = layer.weight if isinstance(layer, nn.Module) else layer
+    return render_kernels(
+        weight, max_kernels=max_kernels, max_in_channels=max_in_channels, min_tile=min_tile
+    ).image

@@ -1,0 +1,206 @@
+"""Rendering: colormaps, grids, heatmap overlays and captions. Tensor in, tensor out.
+
+Every function here takes and returns float tensors with values in ``[0, 1]`` (images ``[N, C, H, W]``
+or ``[C, H, W]``, maps ``[N, H, W]``), never mutates its inputs and needs no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COLORMAPS",
+    "colorize",
+    "overlay_heatmap",
+    "make_grid",
+    "denormalize",
+    "to_uint8",
+    "caption",
+    "upscale",
+]
+
+# Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
+_ANCHORS: dict[str, list[tuple[float, float, float]]] = {
+    "viridis": [
+        (0.267, 0.005, 0.329), (0.283, 0.141, 0.458), (0.254, 0.265, 0.530), (0.207, 0.372, 0.553),
+        (0.164, 0.471, 0.558), (0.128, 0.567, 0.551), (0.135, 0.659, 0.518), (0.267, 0.749, 0.441),
+        (0.478, 0.821, 0.318), (0.741, 0.873, 0.150), (0.993, 0.906, 0.144),
+    ],
+    "inferno": [
+        (0.001, 0.000, 0.014), (0.087, 0.045, 0.225), (0.258, 0.039, 0.406), (0.416, 0.090, 0.433),
+        (0.578, 0.148, 0.404), (0.735, 0.216, 0.330), (0.865, 0.317, 0.226), (0.954, 0.469, 0.098),
+        (0.987, 0.645, 0.040), (0.964, 0.843, 0.273), (0.988, 0.998, 0.645),
+    ],
+    "jet": [
+        (0.0, 0.0, 0.5), (0.0, 0.0, 1.0), (0.0, 0.5, 1.0), (0.0, 1.0, 1.0), (0.5, 1.0, 0.5),
+        (1.0, 1.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.0, 0.0), (0.5, 0.0, 0.0),
+    ],
+    # Diverging, symmetric around 0.5 (white): blue for negative weights, red for positive.
+    "rdbu": [
+        (0.020, 0.188, 0.380), (0.129, 0.400, 0.675), (0.263, 0.576, 0.765), (0.573, 0.773, 0.871),
+        (0.820, 0.898, 0.941), (0.969, 0.969, 0.969), (0.992, 0.859, 0.780), (0.957, 0.647, 0.510),
+        (0.839, 0.376, 0.302), (0.698, 0.094, 0.169), (0.404, 0.000, 0.122),
+    ],
+}
+COLORMAPS = tuple(_ANCHORS)
+
+
+def _check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: tensor expected, got {type(x).__name__}")
+    return x
+
+
+@torch.no_grad()
+def colorize(values: torch.Tensor, cmap: str = "viridis") -> torch.Tensor:
+    """Map values in ``[0, 1]`` (any shape ``[...]``) to RGB colours ``[..., 3, H, W]``-style.
+
+    ``values`` of shape ``[N, H, W]`` gives ``[N, 3, H, W]``; ``[H, W]`` gives ``[3, H, W]``.
+    Values outside ``[0, 1]`` are clamped; NaN is drawn as the colormap's lowest colour.
+    """
+    values = _check_tensor(values, "values")
+    if cmap not in _ANCHORS:
+        raise ValueError(f"unknown colormap {cmap!r}; expected one of {COLORMAPS}")
+    if values.dim() < 2:
+        raise ValueError(f"values must be at least [H, W], got shape {tuple(values.shape)}")
+    anchors = torch.tensor(_ANCHORS[cmap], dtype=torch.float32, device=values.device)
+    v = torch.nan_to_num(values.float(), nan=0.0).clamp(0, 1) * (len(anchors) - 1)
+    lo = v.floor().long().clamp(max=len(anchors) - 2)
+    frac = (v - lo).unsqueeze(-1)
+    rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac  # [..., H, W, 3]
+    return rgb.movedim(-1, -3).contiguous()
+
+
+@torch.no_grad()
+def denormalize(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
+    """Undo ``Normalize(mean, std)`` on ``[N, C, H, W]`` images and clamp to ``[0, 1]``.
+
+    With ``mean``/``std`` of None, images are assumed to be in ``[0, 1]`` already; if they are not
+    (a probe normalized without telling us), each image is min-max scaled so it is still visible.
+    """
+    images = _check_tensor(images, "images").detach().float()
+    if mean is None and std is None:
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        hi = images.amax(dim=(1, 2, 3), keepdim=True)
+        outside = (lo < 0) | (hi > 1)
+        scaled = (images - lo) / (hi - lo).clamp_min(1e-8)
+        return torch.where(outside, scaled, images)
+    c = images.shape[1]
+    m = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=torch.float32, device=images.device)
+    s = torch.as_tensor(std if std is not None else [1.0] * c, dtype=torch.float32, device=images.device)
+    return (images * s.view(1, -1, 1, 1) + m.view(1, -1, 1, 1)).clamp(0, 1)
+
+
+@torch.no_grad()
+def overlay_heatmap(
+    images: torch.Tensor, heatmaps: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet"
+) -> torch.Tensor:
+    """Blend heatmaps over images: ``(1 - alpha) * image + alpha * cmap(heatmap)``.
+
+    Args:
+        images: ``[N, C, H, W]`` with ``C`` in ``{1, 3}``, values in ``[0, 1]`` (de-normalized).
+        heatmaps: ``[N, h, w]`` in ``[0, 1]``; resized bilinearly to ``H x W`` when the sizes differ.
+        alpha: weight of the colour map, in ``[0, 1]``.
+        cmap: one of :data:`COLORMAPS`.
+
+    Returns:
+        ``[N, 3, H, W]`` float in ``[0, 1]``.
+    """
+    images = _check_tensor(images, "images")
+    heatmaps = _check_tensor(heatmaps, "heatmaps")
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 1 or 3, H, W], got shape {tuple(images.shape)}")
+    if heatmaps.dim() != 3 or heatmaps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"heatmaps must be [N, h, w] with N={images.shape[0]} like images, got shape {tuple(heatmaps.shape)}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    h, w = images.shape[-2:]
+    heat = heatmaps.detach().float().to(images.device)
+    if heat.shape[-2:] != (h, w):
+        heat = F.interpolate(heat[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    rgb = images.detach().float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.detach().float()
+    return ((1 - alpha) * rgb.clamp(0, 1) + alpha * colorize(heat, cmap)).clamp(0, 1)
+
+
+@torch.no_grad()
+def make_grid(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+    """Lay out ``[N, C, h, w]`` tiles row-major in a ``[C, H, W]`` grid with ``padding`` pixels between tiles.
+
+    ``ncol`` defaults to ``ceil(sqrt(N))``. The border around the grid is ``padding`` wide too, so each
+    tile ``i`` starts at row ``padding + (i // ncol) * (h + padding)`` and column
+    ``padding + (i % ncol) * (w + padding)``.
+    """
+    tiles = _check_tensor(tiles, "tiles")
+    if tiles.dim() != 4 or tiles.shape[0] == 0:
+        raise ValueError(f"tiles must be a non-empty [N, C, h, w] tensor, got shape {tuple(tiles.shape)}")
+    n, c, h, w = tiles.shape
+    ncol = max(1, min(n, ncol if ncol else int(-(-(n**0.5) // 1))))
+    nrow = -(-n // ncol)
+    grid = tiles.new_full((c, padding + nrow * (h + padding), padding + ncol * (w + padding)), pad_value)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = tiles[i]
+    return grid
+
+
+@torch.no_grad()
+def upscale(images: torch.Tensor, min_size: int, mode: str = "nearest") -> torch.Tensor:
+    """Enlarge ``[N, C, h, w]`` by the smallest integer factor that makes the shorter side ``>= min_size``."""
+    h, w = images.shape[-2:]
+    factor = max(1, -(-min_size // max(1, min(h, w))))
+    if factor == 1:
+        return images
+    if mode == "nearest":
+        return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return F.interpolate(images, scale_factor=factor, mode=mode, align_corners=False).clamp(0, 1)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """``[C, H, W]`` float in ``[0, 1]`` → ``uint8`` on the CPU (what ``SummaryWriter.add_image`` stores)."""
+    image = torch.nan_to_num(image.detach().float(), nan=0.0)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+_FONT_CACHE: dict[int, object] = {}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    if size not in _FONT_CACHE:
+        try:
+            _FONT_CACHE[size] = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+            _FONT_CACHE[size] = ImageFont.load_default()
+    return _FONT_CACHE[size]
+
+
+@torch.no_grad()
+def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -> torch.Tensor:
+    """Return ``[3, H + band, W]``: ``image`` (``[3, H, W]`` in ``[0, 1]``) above a white band with text lines."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    image = _check_tensor(image, "image")
+    if not lines:
+        return image
+    font = _font(font_size)
+    line_h = font_size + 3
+    band = len(lines) * line_h + 4
+    width = image.shape[-1]
+    canvas = Image.new("RGB", (width, band), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        text = str(text)
+        # Shorten until it fits, so long class names stay readable instead of running off the panel.
+        while len(text) > 1 and draw.textlength(text, font=font) > width - 4:
+            text = text[:-2] + "…"
+        draw.text((2, 2 + i * line_h), text, fill=(20, 20, 20), font=font)
+    band_t = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1).to(image.device)
+    return torch.cat([image.float(), band_t], dim=1)

@@ -1,0 +1,54 @@
+"""Packaging for cnnvis_tb: the library, its TensorBoard plugin and the tab's static frontend."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="cnnvis_tb",
+    version="0.1.0",
+    description="See inside a CNN while it trains: kernels, feature maps, Grad-CAM, activation "
+    "maximization and histograms logged to TensorBoard, with a 'CNN Vis' tab to compare steps and runs.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "cnnvis_tb",
+        "cnnvis_tb.kinds",
+        "cnnvis_tb.plugin",
+        "cnnvis_tb.integrations",
+        "cnnvis_tb.frontend",
+    ],
+    # The tab's sources live at the top of the repository (tb_plugin_frontend/) and ship inside the
+    # wheel as the package ``cnnvis_tb.frontend``, read by the plugin with importlib.resources.
+    package_dir={"cnnvis_tb.frontend": "tb_plugin_frontend"},
+    package_data={"cnnvis_tb.frontend": ["*.js", "*.css", "*.html"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "tensorboard>=2.14",
+        "numpy>=1.23",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "playwright>=1.40",
+            "hypothesis>=6",
+            "ruff",
+        ],
+        "lightning": ["lightning>=2.0"],
+        "bench": ["grad-cam>=1.5", "torchcam>=0.4"],
+    },
+    entry_points={
+        "tensorboard_plugins": ["cnnvis = cnnvis_tb.plugin.loader:CnnVisLoader"],
+    },
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
