@@ -25,7 +25,20 @@ _EXPORTS = {
     "find_layers": "cnnvis_tb.layers",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "VisLogger",
+    "activation_maximization",
+    "colorize",
+    "feature_maps",
+    "find_layers",
+    "grad_cam",
+    "kernel_grid",
+    "layer_table",
+    "make_grid",
+    "overlay_heatmap",
+    "saliency",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.kinds.actmax import activation_maximization

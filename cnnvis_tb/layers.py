@@ -59,10 +59,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module, *, need_conv: bool =
     """
     modules = dict(model.named_modules())
     if isinstance(layer, nn.Module):
-        for name, module in modules.items():
-            if module is layer:
-                break
-        else:
+        name = next((n for n, m in modules.items() if m is layer), None)
+        module = layer
+        if name is None:
             raise ValueError(
                 f"layer {type(layer).__name__} is not a submodule of the model; pass a module of the model or its name"
             )

@@ -43,6 +43,8 @@ __all__ = ["VisLogger"]
 
 #: Layer roles: which layers each kind looks at.
 _LAYER_KINDS = ("kernels", "features", "gradcam", "actmax")
+#: Kinds computed from the one shared forward pass over the probe.
+_PROBE_KINDS = ("features", "gradcam", "saliency")
 
 
 def _is_logging_rank() -> bool:
@@ -311,7 +313,8 @@ class VisLogger:
         """
         if not self._active or self._closed:
             return False
-        due = [kind for kind, n in self._schedule if global_step % n == 0 and self._last_logged.get(kind) != global_step]
+        last = self._last_logged
+        due = [kind for kind, n in self._schedule if global_step % n == 0 and last.get(kind) != global_step]
         if not due:
             return False
         return self.log_now(global_step, due)
@@ -397,29 +400,22 @@ class VisLogger:
             warnings.warn(f"cnnvis_tb: {message}", RuntimeWarning, stacklevel=5)
 
     def _log(self, step: int, kinds: tuple[str, ...]) -> None:
-        net = self._net
-        with preserved(net):
+        with preserved(self._net):
             if not self._table_logged:
                 self._guarded("summary", step, lambda: self._log_table(step))
                 self._table_logged = True
-            record = None
-            if any(k in kinds for k in ("features", "gradcam", "saliency")):
+            record = shown = None
+            if any(k in _PROBE_KINDS for k in kinds):
                 record = self._guarded("probe", step, lambda: self._probe_pass(kinds))
-            shown = denormalize(self.probe.images, self.mean, self.std) if record is not None else None
+                shown = denormalize(self.probe.images, self.mean, self.std)
             for kind in kinds:
-                if kind in ("features", "gradcam", "saliency"):
-                    if record is None:
-                        continue
-                    fn = {"features": self._log_features, "gradcam": self._log_gradcam,
-                          "saliency": self._log_saliency}[kind]
-                    self._guarded(kind, step, lambda fn=fn: fn(step, record, shown))
-                elif kind == "kernels":
-                    self._guarded(kind, step, lambda: self._log_kernels(step))
-                elif kind == "histograms":
-                    self._guarded(kind, step, lambda: self._log_histograms(step))
-                elif kind == "actmax":
-                    self._guarded(kind, step, lambda: self._log_actmax(step))
-            del record
+                if kind in _PROBE_KINDS:
+                    if record is not None:
+                        log = getattr(self, f"_log_{kind}")
+                        self._guarded(kind, step, lambda log=log: log(step, record, shown))
+                else:
+                    log = getattr(self, f"_log_{kind}")
+                    self._guarded(kind, step, lambda log=log: log(step))
 
     def _log_table(self, step: int) -> None:
         self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
@@ -470,7 +466,7 @@ class VisLogger:
             last = all(torch.equal(targets[k], targets[key]) for k in keys[i + 1 :])
             score = record.scores.gather(1, t[:, None]).sum()
             grads = torch.autograd.grad(score, inputs, retain_graph=not last, allow_unused=True)
-            record.grads[key] = dict(zip(names + (["input"] if want_sal else []), grads))
+            record.grads[key] = dict(zip(names + (["input"] if want_sal else []), grads, strict=True))
 
     def _class_label(self, index: int) -> str:
         return self.class_names[index] if self.class_names else f"class {index}"

@@ -32,7 +32,8 @@ def _from_dataset(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor | Non
     augmentations of the dataset must not consume the training run's random numbers)."""
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(
-            f"probe must be a tensor [N, C, H, W], a map-style Dataset or a DataLoader over one; got {type(dataset).__name__}"
+            "probe must be a tensor [N, C, H, W], a map-style Dataset or a DataLoader over one; "
+            f"got {type(dataset).__name__}"
         )
     n = min(count, len(dataset))
     if n == 0:

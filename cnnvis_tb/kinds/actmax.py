@@ -98,7 +98,8 @@ def _augment(x: torch.Tensor, cfg: ActMaxConfig, generator: torch.Generator) -> 
                 pad = (0, w - sw, 0, h - sh)
                 x = F.pad(scaled, pad, mode="replicate")
     if cfg.jitter:
-        dy, dx = (torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=generator, device=generator.device)).tolist()
+        shift = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=generator, device=generator.device)
+        dy, dx = shift.tolist()
         x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
     return x
 

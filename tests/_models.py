@@ -1,0 +1,68 @@
+"""Small models, probes and event-file readers shared by the tests (imported as a plain module)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU ×3 (one grouped), dropout, global pooling, linear: every training-mode effect in a few ms."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 4, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width * 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width * 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width * 2, width * 2, 3, padding=1, groups=2),
+            nn.BatchNorm2d(width * 2),
+            nn.ReLU(inplace=True),
+        )
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(width * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.stem(x))
+        return self.head(self.drop(x.mean(dim=(2, 3))))
+
+
+def make_batch(seed: int, n: int = 8, c: int = 3, h: int = 16, w: int = 16, classes: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g), torch.randint(classes, (n,), generator=g)
+
+
+def read_events(log_dir) -> EventAccumulator:
+    """Everything in a run folder, read by TensorBoard's own loader with no sampling limit."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def decode_png(encoded: bytes) -> np.ndarray:
+    """PNG bytes → ``[H, W, 3]`` uint8."""
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+
+def image_at(acc: EventAccumulator, tag: str, step: int | None = None) -> np.ndarray:
+    events = acc.Images(tag)
+    event = events[-1] if step is None else next(e for e in events if e.step == step)
+    return decode_png(event.encoded_image_string)
+
+
+def hook_counts(model: nn.Module) -> dict[str, int]:
+    """Number of hooks of every kind on every submodule (zeros are kept, so dicts compare fully)."""
+    counts = {}
+    for name, m in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            counts[f"{name}:{attr}"] = len(getattr(m, attr, {}))
+    for name, p in model.named_parameters():
+        counts[f"{name}:tensor_hooks"] = len(p._backward_hooks or {})
+    return counts

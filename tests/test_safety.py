@@ -1,0 +1,270 @@
+"""The training-safety contract of DESIGN.md, line by line."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from _models import TinyCNN, hook_counts, make_batch, read_events
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cnnvis_tb import VisLogger, grad_cam
+from cnnvis_tb.schedule import ALL_KINDS
+
+STEPS = 50
+
+
+def _train(log_dir=None, *, call_between=False):
+    """Train TinyCNN for STEPS steps with dropout and BN; optionally log every kind at every step."""
+    torch.manual_seed(1234)
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe, labels = make_batch(99)
+    vis = None
+    if log_dir is not None:
+        vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS,
+                        strict=True, actmax_steps=2, actmax_channels=2)
+    for step in range(STEPS):
+        x, y = make_batch(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if vis is not None and call_between:
+            vis.step(step)
+        opt.step()
+        if vis is not None and not call_between:
+            vis.step(step)
+    if vis is not None:
+        vis.close()
+    return model, opt, torch.get_rng_state()
+
+
+def _assert_same_state(a, b):
+    (model_a, opt_a, rng_a), (model_b, opt_b, rng_b) = a, b
+    for (name, ta), (_, tb) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
+        assert torch.equal(ta, tb), f"{name} differs"  # parameters, running stats, num_batches_tracked
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for field in sa[k]:
+            assert torch.equal(torch.as_tensor(sa[k][field]), torch.as_tensor(sb[k][field])), f"optimizer {k}.{field}"
+    assert torch.equal(rng_a, rng_b), "global RNG state differs"
+
+
+@pytest.mark.parametrize("call_between", [False, True], ids=["after-step", "between-backward-and-step"])
+def test_training_is_bit_identical_with_every_kind_at_every_step(tmp_path, call_between):
+    reference = _train()
+    logged = _train(tmp_path / "run", call_between=call_between)
+    _assert_same_state(reference, logged)
+    acc = read_events(tmp_path / "run")
+    assert len(acc.Images(acc.Tags()["images"][0])) == STEPS  # it really logged at every step
+
+
+def test_training_changes_without_the_guard_would_be_detected(tmp_path):
+    """The comparison above can fail: one extra train-mode forward (as a careless visual would do) is caught."""
+    reference = _train()
+    torch.manual_seed(1234)
+    model, opt, _ = _train()
+    model.train()
+    model(make_batch(0)[0])  # updates BN running stats and draws dropout masks from the global RNG
+    with pytest.raises(AssertionError):
+        _assert_same_state(reference, (model, opt, torch.get_rng_state()))
+
+
+def _model_with_grads():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x, y = make_batch(1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return model
+
+
+def test_grads_untouched_between_backward_and_optimizer_step(tmp_path):
+    model = _model_with_grads()
+    before = {n: (p.grad, p.grad.clone()) for n, p in model.named_parameters()}
+    probe, labels = make_batch(2)
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
+                   actmax_steps=2) as vis:
+        vis.step(0)
+    for name, p in model.named_parameters():
+        tensor, values = before[name]
+        assert p.grad is tensor, f"{name}.grad was replaced"
+        assert torch.equal(p.grad, values), f"{name}.grad was changed"
+
+
+def test_parameters_without_grad_stay_without_grad(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    probe, labels = make_batch(2)
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
+                   actmax_steps=2) as vis:
+        vis.step(0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_hook_left_and_user_hooks_kept(tmp_path):
+    model = _model_with_grads()
+    user_calls = []
+    model.body[0].register_forward_hook(lambda *a: user_calls.append(1))
+    before = hook_counts(model)
+    assert sum(before.values()) == 1
+    probe, labels = make_batch(2)
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
+                   actmax_steps=2) as vis:
+        assert hook_counts(model) == before
+        vis.step(0)
+        assert hook_counts(model) == before
+    model(probe)
+    assert user_calls, "the user's own hook no longer runs"
+
+
+def _mixed_model():
+    """Some parts frozen, some in eval mode: the flags a user sets on purpose must come back as they were."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    model.train()
+    model.stem.requires_grad_(False)
+    model.stem[1].eval()
+    model.drop.eval()
+    return model
+
+
+def _flags(model):
+    return ({n: m.training for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("kind", ["features", "gradcam", "kernels", "actmax", "histograms", "saliency"])
+def test_flags_restored_when_a_visual_raises(tmp_path, monkeypatch, kind):
+    model = _mixed_model()
+    before_flags, before_hooks = _flags(model), hook_counts(model)
+    rng = torch.get_rng_state()
+    probe, labels = make_batch(2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
+                    actmax_steps=2)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("visual exploded")
+
+    monkeypatch.setattr(vis, f"_log_{kind}", boom)
+    with pytest.raises(RuntimeError, match="visual exploded"):
+        vis.step(0)
+    assert _flags(model) == before_flags
+    assert hook_counts(model) == before_hooks
+    assert torch.equal(torch.get_rng_state(), rng)
+    vis.close()
+
+
+def test_failure_inside_the_forward_pass_restores_everything(tmp_path):
+    """A layer that raises mid-forward (hooks attached, model in eval) leaves nothing behind."""
+    model = _mixed_model()
+    probe, labels = make_batch(2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, strict=True, actmax_steps=2)
+    before_flags, before_hooks = _flags(model), hook_counts(model)
+    original = model.body[3].forward
+
+    def failing(x):
+        if not model.training:  # only the logger's eval-mode passes fail
+            raise ValueError("broken layer")
+        return original(x)
+
+    model.body[3].forward = failing
+    with pytest.raises(ValueError, match="broken layer"):
+        vis.step(0)
+    assert _flags(model) == before_flags
+    assert hook_counts(model) == before_hooks
+    vis.close()
+
+
+def test_failing_visual_warns_once_and_the_others_still_log(tmp_path, monkeypatch):
+    model = _mixed_model()
+    probe, labels = make_batch(2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, actmax_steps=2)
+    monkeypatch.setattr(vis, "_log_features", lambda *a: 1 / 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            vis.step(step)
+    vis.close()
+    ours = [w for w in caught if "cnnvis_tb" in str(w.message)]
+    assert len(ours) == 1 and "features" in str(ours[0].message) and "ZeroDivisionError" in str(ours[0].message)
+    acc = read_events(tmp_path)
+    kinds = {t.split("/")[1] for t in acc.Tags()["images"]}
+    assert kinds == {"gradcam", "kernels", "actmax", "saliency"}
+    assert all(len(acc.Images(t)) == 3 for t in acc.Tags()["images"])
+    assert acc.Tags()["histograms"]
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_gradcam_works_inside_no_grad_and_inference_mode(tmp_path, context):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    probe, labels = make_batch(2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=["gradcam", "saliency"],
+                    strict=True)
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    with ctx():
+        vis.step(0)
+        maps = grad_cam(model, probe, "body", targets=labels)
+        assert torch.is_grad_enabled() is False
+    vis.close()
+    assert maps.shape == (8, 16, 16) and torch.isfinite(maps).all() and maps.amax() == 1.0
+    acc = read_events(tmp_path)
+    assert len(acc.Tags()["images"]) == 16  # 8 Grad-CAM strips + 8 saliency strips
+
+
+def test_autocast_active_gradcam_in_float32(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    probe, labels = make_batch(2)
+    plain = grad_cam(model, probe, "body", targets=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = grad_cam(model, probe, "body", targets=labels)
+        with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
+                       actmax_steps=2) as vis:
+            vis.step(0)
+    assert under_amp.dtype == torch.float32
+    assert torch.equal(plain, under_amp)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_with_nothing_due_runs_no_op_and_registers_no_hook(tmp_path, monkeypatch):
+    model = _model_with_grads()
+    probe, labels = make_batch(2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=10, strict=True)
+    registered = []
+    original = nn.Module.register_forward_hook
+    monkeypatch.setattr(nn.Module, "register_forward_hook",
+                        lambda self, *a, **k: registered.append(self) or original(self, *a, **k))
+    with _CountOps() as counter:
+        for step in range(1, 10):
+            assert vis.step(step) is False
+    assert counter.ops == [] and registered == []
+    with _CountOps() as counter:  # the counter does see a logging step's work
+        assert vis.step(10) is True
+    assert counter.ops and registered
+    vis.close()
+
+
+def test_dataparallel_wrapper_is_looked_through(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    wrapped = nn.DataParallel(model)
+    probe, labels = make_batch(2)
+    snapshot = copy.deepcopy(model.state_dict())
+    with VisLogger(wrapped, tmp_path, probe=probe, probe_labels=labels, every=1, strict=True, actmax_steps=2) as vis:
+        vis.step(0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
+    assert "cnnvis/gradcam/body/probe_000" in read_events(tmp_path).Tags()["images"]
