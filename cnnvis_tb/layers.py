@@ -69,7 +69,7 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module, *, need_conv: bool =
         name = layer
         if name not in modules or not name:
             candidates = [n for n in modules if n]
-            close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+            close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
                 f"known layers include {', '.join(repr(c) for c in candidates[:8])}"
                 + (" ..." if len(candidates) > 8 else "")

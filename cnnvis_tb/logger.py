@@ -489,9 +489,8 @@ class VisLogger:
                     columns.append((maps, label, key))
             for i in range(shown.shape[0]):
                 image = shown[i : i + 1]
-                first_lines = ["input"]
-                if "true" in targets:
-                    first_lines.append(f"true: {self._class_label(int(targets['true'][i]))}")
+                true = f"true: {self._class_label(int(targets['true'][i]))}" if "true" in targets else "label unknown"
+                first_lines = ["input", true]
                 panels = [caption(upscale(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image,
                                           panel_min)[0], first_lines)]
                 for maps, label, key in columns:
