@@ -39,6 +39,7 @@ setup(
             "playwright>=1.40",
             "hypothesis>=6",
             "ruff",
+            "lightning>=2.0",
         ],
         "lightning": ["lightning>=2.0"],
         "bench": ["grad-cam>=1.5", "torchcam>=0.4"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from _models import TinyCNN, decode_png, image_at, make_batch, read_events

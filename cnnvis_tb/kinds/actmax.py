@@ -36,7 +36,7 @@ class ActMaxConfig:
     """Knobs of the optimization. Defaults suit 32–64 px models on a CPU; scale jitter up for 224 px."""
 
     steps: int = 48
-    lr: float = 0.05
+    lr: float = 0.2
     jitter: int = 2
     scales: tuple[float, ...] = (0.95, 1.0, 1.05)
     tv_weight: float = 0.05
@@ -64,9 +64,11 @@ class _Parametrization:
             fx = torch.fft.rfftfreq(w, device=device)[None, :]
             freq = torch.sqrt(fx * fx + fy * fy).clamp_min(1.0 / max(h, w))
             self.scale = (1.0 / freq) / math.sqrt(h * w)
-            init = torch.randn((k, c, h, w // 2 + 1, 2), generator=generator, device=device) * 0.01
+            one = (c, h, w // 2 + 1, 2)
         else:
-            init = torch.randn((k, c, h, w), generator=generator, device=device) * 0.01
+            one = (c, h, w)
+        # Drawn image by image, so image i starts from the same noise whatever the batch size.
+        init = torch.stack([torch.randn(one, generator=generator, device=device) for _ in range(k)]) * 0.01
         self.param = init.requires_grad_(True)
         self.color = _COLOR_SQRT.to(device) if c == 3 else None
 
@@ -144,8 +146,11 @@ def optimize_channels(
     layer names used in ``targets`` to their modules; ``stop_after`` cuts each forward pass after that layer.
     """
     device, dtype = model_device(net), model_dtype(net)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    param = _Parametrization(len(targets), image_channels, size[0], size[1], config.fourier, generator, device)
+    # Separate streams for the starting noise and the augmentations, so that image i of a batch sees the
+    # same random numbers whatever the batch size (batched and one-at-a-time results agree).
+    noise = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    param = _Parametrization(len(targets), image_channels, size[0], size[1], config.fourier, noise, device)
     optimizer = torch.optim.Adam([param.param], lr=config.lr)
     for _ in range(config.steps):
         images = param.images()
@@ -172,7 +177,7 @@ def activation_maximization(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     steps: int = 48,
-    lr: float = 0.05,
+    lr: float = 0.2,
     jitter: int = 2,
     fourier: bool = True,
     seed: int = 0,

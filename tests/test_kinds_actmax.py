@@ -1,0 +1,82 @@
+"""Activation maximization: it maximizes, batching is exact, and it touches nothing of the model or the RNG."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _models import TinyCNN, hook_counts
+from torch import nn
+
+from cnnvis_tb import activation_maximization
+from cnnvis_tb.demo import MEAN, STD
+
+
+class ColourDetectors(nn.Module):
+    """Channel 0 responds to red, channel 1 to blue, channel 2 to green (1×1 convolution, then ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, -0.5, -0.5], [-0.5, -0.5, 1.0], [-0.5, 1.0, -0.5]])[..., None, None])
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("fourier", [True, False])
+def test_maximizes_the_chosen_channel(fourier):
+    model = ColourDetectors()
+    images = activation_maximization(model, "conv", [0, 1, 2], 16, mean=MEAN, std=STD, steps=48,
+                                     fourier=fourier)
+    assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    means = images.mean(dim=(2, 3))  # [K, RGB]
+    assert means[0].argmax() == 0  # the red detector's image is mostly red
+    assert means[1].argmax() == 2  # the blue detector's is blue
+    assert means[2].argmax() == 1
+    # and it excites its channel more than any of a batch of random real-ish images does
+    probes = torch.rand(32, 3, 16, 16)
+    normalize = lambda x: (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)  # noqa: E731
+    with torch.no_grad():
+        synth = model.relu(model.conv(normalize(images))).mean(dim=(2, 3)).diagonal()
+        real = model.relu(model.conv(normalize(probes))).mean(dim=(2, 3)).amax(dim=0)
+    assert (synth > real).all()
+
+
+def test_batched_equals_one_at_a_time():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    together = activation_maximization(model, "body.3", [1, 5], 12, steps=5, seed=7)
+    alone = activation_maximization(model, "body.3", [1], 12, steps=5, seed=7)
+    assert torch.allclose(together[:1], alone, atol=1e-4)
+
+
+def test_leaves_model_rng_and_grads_alone():
+    torch.manual_seed(0)
+    model = TinyCNN().train()
+    state = copy.deepcopy(model.state_dict())
+    hooks = hook_counts(model)
+    rng = torch.get_rng_state()
+    first = activation_maximization(model, model.body[3], [0, 3], 12, steps=3, seed=1)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert hook_counts(model) == hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    again = activation_maximization(model, "body.3", [0, 3], 12, steps=3, seed=1)
+    assert torch.equal(first, again)  # its own generator: same seed, same images
+    other = activation_maximization(model, "body.3", [0, 3], 12, steps=3, seed=2)
+    assert not torch.equal(first, other)
+
+
+def test_grayscale_and_errors():
+    model = TinyCNN(in_channels=1)
+    images = activation_maximization(model, "stem.0", [0], (10, 14), image_channels=1, steps=2)
+    assert images.shape == (1, 1, 10, 14)
+    with pytest.raises(ValueError, match=r"channels \[8\] out of range: layer 'stem.0' has 8 channels"):
+        activation_maximization(model, "stem.0", [8], 10, image_channels=1, steps=2)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        activation_maximization(model, "stem.0", [0], 10, image_channels=1, steps=0)

@@ -1,0 +1,51 @@
+"""Rendering helpers: golden values on tiny tensors, inputs never mutated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnnvis_tb import colorize, make_grid, overlay_heatmap
+from cnnvis_tb.render import caption, denormalize, to_uint8, upscale
+
+
+def test_colorize_endpoints_and_shape():
+    v = torch.tensor([[0.0, 1.0], [0.5, float("nan")]])
+    rgb = colorize(v, "rdbu")
+    assert rgb.shape == (3, 2, 2)
+    assert torch.allclose(rgb[:, 1, 0], torch.tensor([0.969, 0.969, 0.969]), atol=1e-3)  # 0.5 is the white middle
+    assert torch.allclose(rgb[:, 1, 1], rgb[:, 0, 0])  # NaN drawn as the lowest colour
+    jet = colorize(torch.tensor([[0.0, 1.0]]), "jet")
+    assert torch.allclose(jet[:, 0, 0], torch.tensor([0.0, 0.0, 0.5])) and torch.allclose(jet[:, 0, 1], torch.tensor([0.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="unknown colormap 'hot'"):
+        colorize(v, "hot")
+
+
+def test_make_grid_layout():
+    tiles = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2) / 2
+    grid = make_grid(tiles, ncol=2, padding=1, pad_value=9.0)
+    assert grid.shape == (1, 7, 7)
+    assert grid[0, 1, 1] == 0.0 and grid[0, 1, 4] == 0.5 and grid[0, 4, 1] == 1.0
+    assert grid[0, 4, 4] == 9.0 and grid[0, 0, 0] == 9.0  # empty cell and border keep the pad value
+
+
+def test_overlay_blends_and_does_not_mutate():
+    images = torch.full((1, 1, 2, 2), 0.2)
+    heat = torch.ones(1, 1, 1)  # resized to 2×2
+    before = images.clone()
+    out = overlay_heatmap(images, heat, alpha=0.5, cmap="jet")
+    assert out.shape == (1, 3, 2, 2) and torch.equal(images, before)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.35, 0.1, 0.1]))
+    with pytest.raises(ValueError, match=r"heatmaps must be \[N, h, w\] with N=1"):
+        overlay_heatmap(images, torch.ones(2, 2, 2))
+
+
+def test_denormalize_upscale_uint8_caption():
+    x = torch.zeros(1, 3, 1, 1)
+    assert torch.allclose(denormalize(x, [0.5] * 3, [0.25] * 3), torch.full((1, 3, 1, 1), 0.5))
+    scaled = denormalize(torch.tensor([[[[-1.0, 1.0]]]]).expand(1, 3, 1, 2), None, None)
+    assert scaled.min() == 0 and scaled.max() == 1
+    assert upscale(torch.ones(1, 1, 3, 5), 7).shape == (1, 1, 9, 15)
+    assert to_uint8(torch.tensor([[[0.0, 0.5, 1.0]]])).tolist() == [[[0, 128, 255]]]
+    captioned = caption(torch.zeros(3, 10, 60), ["hello"])
+    assert captioned.shape[1] > 10 and captioned[:, 10:].min() < 0.5  # text drawn in the band
