@@ -9,7 +9,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,7 +36,7 @@ from cnnvis_tb.layers import (
 )
 from cnnvis_tb.probe import Probe, load_probe
 from cnnvis_tb.render import caption, colorize, denormalize, make_grid, overlay_heatmap, to_uint8, upscale
-from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
 from cnnvis_tb.schedule import build_schedule, check_kinds
 
 __all__ = ["VisLogger"]
@@ -51,6 +51,19 @@ def _is_logging_rank() -> bool:
     """Only rank 0 of an initialized process group writes (every rank would otherwise write its own files)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _lookup(net: nn.Module, names: Iterable[str], missing_ok: bool = False) -> dict[str, nn.Module]:
+    """``{name: module}`` for layers chosen at construction; a clear error if the model has changed since
+    (or, with ``missing_ok``, only the layers still there: the shared forward pass serves the kinds that can go on)."""
+    modules = dict(net.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing and not missing_ok:
+        raise LookupError(
+            f"layers {missing} are no longer in the model (removed or renamed after VisLogger was created); "
+            "create a new VisLogger for the changed model"
+        )
+    return {n: modules[n] for n in names if n in modules}
 
 
 @dataclass
@@ -409,13 +422,23 @@ class VisLogger:
                 record = self._guarded("probe", step, lambda: self._probe_pass(kinds))
                 shown = denormalize(self.probe.images, self.mean, self.std)
             for kind in kinds:
-                if kind in _PROBE_KINDS:
-                    if record is not None:
-                        log = getattr(self, f"_log_{kind}")
-                        self._guarded(kind, step, lambda log=log: log(step, record, shown))
-                else:
-                    log = getattr(self, f"_log_{kind}")
+                log = getattr(self, f"_log_{kind}")
+                if kind == "actmax":  # the one kind doing real network work here: keep every thread
                     self._guarded(kind, step, lambda log=log: log(step))
+                    continue
+                with single_threaded():  # the rest renders small pictures
+                    if kind not in _PROBE_KINDS:
+                        self._guarded(kind, step, lambda log=log: log(step))
+                    elif record is not None:
+                        self._guarded(kind, step, lambda log=log: log(step, record, shown))
+
+    def _each_layer(self, kind: str) -> Iterator[tuple[str, nn.Module]]:
+        """The kind's layers still in the model; after them, a LookupError naming any that are gone, so one
+        removed layer does not stop the others from logging."""
+        present = _lookup(self._net, self.layers[kind], missing_ok=True)
+        yield from present.items()
+        if len(present) < len(self.layers[kind]):
+            _lookup(self._net, self.layers[kind])
 
     def _log_table(self, step: int) -> None:
         self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
@@ -423,16 +446,15 @@ class VisLogger:
     def _probe_pass(self, kinds: tuple[str, ...]) -> _ProbePass:
         """One forward over the probe serving features, Grad-CAM (every layer, both targets) and saliency."""
         want_cam, want_sal = "gradcam" in kinds, "saliency" in kinds
-        modules = dict(self._net.named_modules())
         x = self._probe_tensor().detach()
         if want_sal:
             x = x.clone().requires_grad_(True)
         with contextlib.ExitStack() as stack:
             cam_acts = stack.enter_context(
-                capture({n: modules[n] for n in self.layers["gradcam"]}, for_grad=True)
+                capture(_lookup(self._net, self.layers["gradcam"], missing_ok=True), for_grad=True)
             ) if want_cam else {}
             feature_acts = stack.enter_context(
-                capture({n: modules[n] for n in self.layers["features"]})
+                capture(_lookup(self._net, self.layers["features"], missing_ok=True))
             ) if "features" in kinds else {}
             with torch.set_grad_enabled(want_cam or want_sal):
                 scores = select_output(self._net(x), self.output_selector)
@@ -477,7 +499,7 @@ class VisLogger:
         targets = {k: v.cpu() for k, v in self._targets(record.scores).items()}
         order = [k for k in ("true", "pred") if k in targets]
         panel_min = 112
-        for layer in self.layers["gradcam"]:
+        for layer, _ in self._each_layer("gradcam"):
             acts = record.cam_acts[layer]
             columns = []  # (maps [N, H, W], method label, target key)
             for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
@@ -511,7 +533,7 @@ class VisLogger:
             self.writer.add_image(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        for layer in self.layers["features"]:
+        for layer, _ in self._each_layer("features"):
             acts = record.feature_acts.get(layer)
             if acts is None:
                 raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
@@ -525,9 +547,8 @@ class VisLogger:
                 self.writer.add_image(tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
 
     def _log_kernels(self, step: int) -> None:
-        modules = dict(self._net.named_modules())
-        for layer in self.layers["kernels"]:
-            grid = render_kernels(modules[layer].weight, max_kernels=self.max_kernels)
+        for layer, module in self._each_layer("kernels"):
+            grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
             if grid.nonfinite:
                 self._warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
             self.writer.add_image(tags.image_tag("kernels", layer, "grid"), to_uint8(grid.image), step)
@@ -543,13 +564,17 @@ class VisLogger:
 
     # ------------------------------------------------------------------ activation maximization
     def _actmax_images(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        modules = dict(net.named_modules())
-        layers = list(dict.fromkeys(layer for layer, _ in self._actmax_targets))
+        wanted = list(dict.fromkeys(layer for layer, _ in self._actmax_targets))
+        modules = _lookup(net, wanted, missing_ok=True)
+        targets = [(layer, c) for layer, c in self._actmax_targets if layer in modules]
+        if not targets:
+            _lookup(net, wanted)  # raises, naming the missing layers
+        layers = list(modules)
         order = {t.name: t.order for t in self._traces}
         images = optimize_channels(
             net,
-            {n: modules[n] for n in layers},
-            self._actmax_targets,
+            modules,
+            targets,
             tuple(self.probe.images.shape[-2:]),
             self.probe.images.shape[1],
             mean=self.mean,
@@ -557,8 +582,7 @@ class VisLogger:
             config=self._actmax_config,
             stop_after=max(layers, key=lambda n: order.get(n, -1)),
         ).cpu()
-        return {layer: images[[i for i, (name, _) in enumerate(self._actmax_targets) if name == layer]]
-                for layer in layers}
+        return {layer: images[[i for i, (name, _) in enumerate(targets) if name == layer]] for layer in layers}
 
     def _write_actmax(self, step: int, per_layer: dict[str, torch.Tensor]) -> None:
         with self._lock:
@@ -573,6 +597,7 @@ class VisLogger:
     def _log_actmax(self, step: int) -> None:
         if not self.actmax_background:
             self._write_actmax(step, self._actmax_images(self._net))
+            _lookup(self._net, self.layers["actmax"])  # after the layers still there have logged
             return
         self._pending = [f for f in self._pending if not f.done()]
         if self._pending:
