@@ -228,3 +228,26 @@ def test_resnet18_automatic_layers(tmp_path):
     first = image_at(acc, "cnnvis/kernels/conv1/grid")
     assert first.shape == (1 + 8 * 22, 1 + 8 * 22, 3)  # 64 RGB 7×7 kernels ×3 → 21 px tiles, 8×8 grid
     assert decode_png(acc.Images("cnnvis/gradcam/layer4/probe_001")[0].encoded_image_string).std() > 5
+
+
+def test_background_actmax_uses_the_snapshot_and_close_waits(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    frozen = copy.deepcopy(model)
+    probe, labels = make_batch(2, n=2)
+    common = {"probe": probe, "probe_labels": labels, "every": 1, "kinds": ["actmax"], "strict": True,
+              "actmax_steps": 4}
+    vis = VisLogger(model, tmp_path / "bg", actmax_background=True, **common)
+    vis.step(0)
+    with torch.no_grad():  # training goes on and changes the model while the worker optimizes
+        for p in model.parameters():
+            p.add_(1.0)
+    vis.close()  # waits for the worker
+    with VisLogger(frozen, tmp_path / "sync", **common) as reference:
+        reference.step(0)
+    bg, sync = read_events(tmp_path / "bg"), read_events(tmp_path / "sync")
+    tag = "cnnvis/actmax/body.3/channels"
+    assert [e.step for e in bg.Images(tag)] == [0]
+    assert np.array_equal(image_at(bg, tag), image_at(sync, tag))
