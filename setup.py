@@ -46,6 +46,7 @@ setup(
     },
     entry_points={
         "tensorboard_plugins": ["cnnvis = cnnvis_tb.plugin.loader:CnnVisLoader"],
+        "console_scripts": ["cnnvis-tb = cnnvis_tb.__main__:main"],
     },
     license="Apache-2.0",
     classifiers=[

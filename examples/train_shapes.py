@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     p.add_argument("--every", type=int, default=None,
                    help="log every kind every N steps (default: VisLogger's per-kind schedule, scaled to --steps)")
+    p.add_argument("--kinds", nargs="+", default=None,
+                   help="visual kinds to log (default: kernels features gradcam actmax histograms)")
+    p.add_argument("--actmax-steps", type=int, default=48, help="gradient-ascent steps per actmax log")
     p.add_argument("--augment", action="store_true", help="random horizontal flips and shifts")
     p.add_argument("--no-vis", action="store_true", help="train without VisLogger (for comparisons)")
     return p.parse_args(argv)
@@ -63,7 +66,7 @@ def main(argv=None) -> float:
         model, log_dir,
         probe=test, probe_size=8,            # the first 8 test images, with their labels
         mean=train.mean, std=train.std, class_names=CLASSES,
-        every=args.every or default_every(args.steps),
+        every=args.every or default_every(args.steps), kinds=args.kinds, actmax_steps=args.actmax_steps,
     )
     writer = vis.writer if vis else None
     start, step = time.perf_counter(), 0

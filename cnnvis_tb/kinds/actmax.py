@@ -151,8 +151,11 @@ def optimize_channels(
     noise = torch.Generator(device=device).manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     param = _Parametrization(len(targets), image_channels, size[0], size[1], config.fourier, noise, device)
-    optimizer = torch.optim.Adam([param.param], lr=config.lr)
-    for _ in range(config.steps):
+    # Adam by hand: a few tensor ops, and no torch.optim machinery to import or keep state for.
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = torch.zeros_like(param.param)
+    v = torch.zeros_like(param.param)
+    for t in range(1, config.steps + 1):
         images = param.images()
         x = _normalize(_augment(images, config, generator), mean, std).to(dtype)
         with capture(modules, for_grad=True, stop_after=stop_after) as acts:
@@ -161,8 +164,11 @@ def optimize_channels(
         penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
         loss = -objective + penalty * len(targets)
         (grad,) = torch.autograd.grad(loss, [param.param])
-        param.param.grad = grad
-        optimizer.step()
+        with torch.no_grad():
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = config.lr / (1 - beta1**t)
+            param.param.addcdiv_(m, (v / (1 - beta2**t)).sqrt_().add_(eps), value=-step)
     with torch.no_grad():
         return param.images().detach().float()
 
