@@ -7,10 +7,13 @@ them only through ``context.data_provider``, so it works with the Rust data serv
 
 Routes (under ``/data/plugin/cnnvis``; errors are JSON ``{"error": message}`` with status 400/404):
 
-* ``/index``: runs and the kind -> layer -> view tree of image tags, with the runs holding each tag.
-* ``/steps?tag=T``: every logged step of tag ``T``, per run.
+* ``/index``: ``{"runs": [run], "kinds": [{"kind", "layers": [{"layer", "views": [{"view", "probe",
+  "tag", "runs": [run]}]}]}]}``, the runs holding cnnvis images and the kind -> layer -> view tree.
+* ``/steps?tag=T``: ``{"tag", "width", "height", "runs": [{"run", "steps": [int]}]}``, every logged
+  step of ``T`` per run, and the size of its images.
 * ``/image?run=R&tag=T&step=S``: the image bytes (PNG as written by ``add_image``).
-* ``/text?run=R``: the latest value of each ``cnnvis/summary/...`` text (the layer table).
+* ``/text?run=R``: ``{"run", "texts": [{"tag", "step", "text"}]}``, the latest value of each
+  ``cnnvis/summary/...`` text (the layer table).
 * ``/index.js`` and ``/static/*``: the tab's ES modules and stylesheet, from a fixed whitelist.
 """
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from tensorboard import errors, plugin_util
@@ -58,6 +63,9 @@ _NATURAL_CHUNK = re.compile(r"([0-9]+)", re.ASCII)
 #: browser reuse them for a while (switching back and forth between layers) but not for long.
 _IMAGE_CACHE_SECONDS = 600
 
+#: How many tags' ``/steps`` answers to keep (each is about 50 bytes per run and logged step).
+_STEPS_CACHE_TAGS = 16
+
 _IMAGE_SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -68,6 +76,32 @@ _IMAGE_SIGNATURES = (
 Handler = Callable[["CnnVisPlugin", wrappers.Request], wrappers.Response]
 
 
+class StepsCache:
+    """Recent ``/steps`` answers, each reused while the version of its tag's data is unchanged."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._entries: OrderedDict[Hashable, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, version: Any) -> Any | None:
+        """The answer stored for ``key`` at ``version``, else ``None``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] != version:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: Hashable, version: Any, answer: Any) -> None:
+        """Stores ``answer``, dropping the least recently used key beyond the size."""
+        with self._lock:
+            self._entries[key] = (version, answer)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 def _json_errors(handler: Handler) -> Handler:
     """Turns `errors.PublicError` (ours and the data provider's) into a JSON error response."""
 
@@ -76,9 +110,7 @@ def _json_errors(handler: Handler) -> Handler:
         try:
             return handler(self, request)
         except errors.PublicError as e:
-            return http_util.Respond(
-                request, {"error": str(e)}, _JSON, code=e.http_code, headers=e.headers
-            )
+            return http_util.Respond(request, {"error": str(e)}, _JSON, code=e.http_code, headers=e.headers)
 
     return wrapper
 
@@ -97,6 +129,8 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         self._data_provider = context.data_provider
         hint = (context.sampling_hints or {}).get(metadata.IMAGES_PLUGIN_NAME) or 0
         self._downsample = max(metadata.ALL_STEPS, hint)
+        self._active = False
+        self._steps_cache = StepsCache(_STEPS_CACHE_TAGS)
 
     def get_plugin_apps(self) -> dict[str, Callable]:
         apps: dict[str, Callable] = {
@@ -110,17 +144,17 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         return apps
 
     def is_active(self) -> bool:
-        """Whether any run holds a cnnvis image (called by TensorBoard's ``/plugins_listing``)."""
-        if self._data_provider is None:
-            return False
-        mapping = self._data_provider.list_blob_sequences(
-            RequestContext(), experiment_id="", plugin_name=metadata.IMAGES_PLUGIN_NAME
-        )
-        return any(
-            image_tag_parts(tag)
-            for tag_to_series in mapping.values()
-            for tag in tag_to_series
-        )
+        """Whether any run holds a cnnvis image.
+
+        TensorBoard asks on every ``/data/plugins_listing`` (each page load and reload). Once data has
+        been seen the answer stays yes, so the listing never again pays for a scan of every image series.
+        """
+        if not self._active and self._data_provider is not None:
+            mapping = self._data_provider.list_blob_sequences(
+                RequestContext(), experiment_id="", plugin_name=metadata.IMAGES_PLUGIN_NAME
+            )
+            self._active = any(image_tag_parts(tag) for tag_to_series in mapping.values() for tag in tag_to_series)
+        return self._active
 
     def data_plugin_names(self) -> tuple[str, ...]:
         # Naming "images" here would make TensorBoard enable the tab whenever any run holds any
@@ -128,9 +162,7 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         return ()
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
-        return base_plugin.FrontendMetadata(
-            es_module_path="/index.js", tab_name=metadata.TAB_NAME
-        )
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name=metadata.TAB_NAME)
 
     # Routes.
 
@@ -153,14 +185,26 @@ class CnnVisPlugin(base_plugin.TBPlugin):
     def _serve_steps(self, request: wrappers.Request) -> wrappers.Response:
         ctx, experiment = _request_scope(request)
         tag = _image_tag_arg(request)
-        series = self._read_series(ctx, experiment, tag)
-        if not series:
+        # Listing a tag is cheap; reading every step of it is not (50 runs x 1000 steps take a second
+        # or more). The listing's newest step and wall time per run tell whether anything changed.
+        listing = self._data_provider.list_blob_sequences(
+            ctx,
+            experiment_id=experiment,
+            plugin_name=metadata.IMAGES_PLUGIN_NAME,
+            run_tag_filter=provider.RunTagFilter(tags=[tag]),
+        )
+        version = sorted(
+            (run, series.max_step, series.max_wall_time, series.max_length)
+            for run, tag_to_series in listing.items()
+            if (series := tag_to_series.get(tag)) is not None
+        )
+        if not version:
             raise errors.NotFoundError(f"no run holds images under tag {_quote(tag)}")
-        runs = [
-            {"run": run, "steps": sorted({datum.step for datum in series[run]})}
-            for run in sorted(series, key=natural_key)
-        ]
-        return http_util.Respond(request, {"tag": tag, "runs": runs}, _JSON)
+        answer = self._steps_cache.get((experiment, tag), version)
+        if answer is None:
+            answer = self._steps_answer(ctx, experiment, tag)
+            self._steps_cache.put((experiment, tag), version, answer)
+        return http_util.Respond(request, answer, _JSON)
 
     @wrappers.Request.application
     @_json_errors
@@ -171,34 +215,23 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         step = parse_step(_string_arg(request, "step"))
         data = self._read_series(ctx, experiment, tag, runs=[run]).get(run)
         if data is None:
-            raise errors.NotFoundError(
-                f"no images for run {_quote(run)} under tag {_quote(tag)}"
-            )
+            raise errors.NotFoundError(f"no images for run {_quote(run)} under tag {_quote(tag)}")
         datum = next((d for d in data if d.step == step), None)
         # An add_image value is [width, height, encoded image, ...]; the tab shows the first image.
         if datum is None or len(datum.values) < 3:
-            raise errors.NotFoundError(
-                f"no image at step {step} for run {_quote(run)} under tag {_quote(tag)}"
-            )
+            raise errors.NotFoundError(f"no image at step {step} for run {_quote(run)} under tag {_quote(tag)}")
         blob = self._data_provider.read_blob(ctx, blob_key=datum.values[2].blob_key)
         content_type = image_content_type(blob)
         if content_type is None:
-            raise errors.NotFoundError(
-                f"the value at step {step} is not an encoded image"
-            )
-        return http_util.Respond(
-            request, blob, content_type, expires=_IMAGE_CACHE_SECONDS
-        )
+            raise errors.NotFoundError(f"the value at step {step} is not an encoded image")
+        return http_util.Respond(request, blob, content_type, expires=_IMAGE_CACHE_SECONDS)
 
     @wrappers.Request.application
     @_json_errors
     def _serve_text(self, request: wrappers.Request) -> wrappers.Response:
         ctx, experiment = _request_scope(request)
         run = _string_arg(request, "run")
-        if run not in {
-            r.run_name
-            for r in self._data_provider.list_runs(ctx, experiment_id=experiment)
-        }:
+        if run not in {r.run_name for r in self._data_provider.list_runs(ctx, experiment_id=experiment)}:
             raise errors.NotFoundError(f"no run named {_quote(run)}")
         mapping = self._data_provider.read_tensors(
             ctx,
@@ -213,6 +246,33 @@ class CnnVisPlugin(base_plugin.TBPlugin):
             if data and _is_summary_tag(tag)
         ]
         return http_util.Respond(request, {"run": run, "texts": texts}, _JSON)
+
+    def _steps_answer(self, ctx: RequestContext, experiment: str, tag: str) -> dict[str, Any]:
+        """The ``/steps`` answer: every logged step of ``tag`` per run, and the size of its images."""
+        series = self._read_series(ctx, experiment, tag)
+        if not series:
+            raise errors.NotFoundError(f"no run holds images under tag {_quote(tag)}")
+        runs = sorted(series, key=natural_key)
+        width, height = self._image_size(ctx, series[runs[0]][-1])
+        return {
+            "tag": tag,
+            "width": width,
+            "height": height,
+            "runs": [{"run": run, "steps": sorted({datum.step for datum in series[run]})} for run in runs],
+        }
+
+    def _image_size(self, ctx: RequestContext, datum: provider.BlobSequenceDatum) -> tuple[int | None, int | None]:
+        """Width and height of an image, from the first two values ``add_image`` stores beside it.
+
+        The tab sizes its cells from them before any image arrives, so that the first screen
+        requests exactly the images it shows.
+        """
+        if len(datum.values) < 3:
+            return None, None
+        width, height = (
+            _parse_dimension(self._data_provider.read_blob(ctx, blob_key=value.blob_key)) for value in datum.values[:2]
+        )
+        return width, height
 
     def _read_series(
         self,
@@ -229,11 +289,7 @@ class CnnVisPlugin(base_plugin.TBPlugin):
             downsample=self._downsample,
             run_tag_filter=provider.RunTagFilter(runs=runs, tags=[tag]),
         )
-        return {
-            run: tag_to_data[tag]
-            for run, tag_to_data in mapping.items()
-            if tag in tag_to_data
-        }
+        return {run: tag_to_data[tag] for run, tag_to_data in mapping.items() if tag in tag_to_data}
 
 
 def _static_file_app(filename: str, content_type: str) -> Callable:
@@ -241,9 +297,7 @@ def _static_file_app(filename: str, content_type: str) -> Callable:
 
     @wrappers.Request.application
     def serve(request: wrappers.Request) -> wrappers.Response:
-        body = (
-            importlib.resources.files(_FRONTEND_PACKAGE).joinpath(filename).read_bytes()
-        )
+        body = importlib.resources.files(_FRONTEND_PACKAGE).joinpath(filename).read_bytes()
         return http_util.Respond(request, body, content_type)
 
     return serve
@@ -253,9 +307,7 @@ def _static_file_app(filename: str, content_type: str) -> Callable:
 
 
 def _request_scope(request: wrappers.Request) -> tuple[RequestContext, str]:
-    return plugin_util.context(request.environ), plugin_util.experiment_id(
-        request.environ
-    )
+    return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
 
 
 def _string_arg(request: wrappers.Request, name: str) -> str:
@@ -264,16 +316,12 @@ def _string_arg(request: wrappers.Request, name: str) -> str:
     if not values:
         raise errors.InvalidArgumentError(f"missing query argument {name!r}")
     if len(values) > 1:
-        raise errors.InvalidArgumentError(
-            f"query argument {name!r} given {len(values)} times"
-        )
+        raise errors.InvalidArgumentError(f"query argument {name!r} given {len(values)} times")
     value = values[0]
     if not value:
         raise errors.InvalidArgumentError(f"query argument {name!r} is empty")
     if len(value) > MAX_ARG_CHARS:
-        raise errors.InvalidArgumentError(
-            f"query argument {name!r} is longer than {MAX_ARG_CHARS} characters"
-        )
+        raise errors.InvalidArgumentError(f"query argument {name!r} is longer than {MAX_ARG_CHARS} characters")
     return value
 
 
@@ -290,15 +338,17 @@ def _image_tag_arg(request: wrappers.Request) -> str:
 def parse_step(text: str) -> int:
     """The step named by ``text``: ASCII digits only, from 0 to `MAX_STEP`."""
     if not _STEP.fullmatch(text):
-        raise errors.InvalidArgumentError(
-            f"step must be a non-negative integer, got {_quote(text)}"
-        )
+        raise errors.InvalidArgumentError(f"step must be a non-negative integer, got {_quote(text)}")
     step = int(text)
     if step > MAX_STEP:
-        raise errors.InvalidArgumentError(
-            f"step must be at most {MAX_STEP}, got {step}"
-        )
+        raise errors.InvalidArgumentError(f"step must be at most {MAX_STEP}, got {step}")
     return step
+
+
+def _parse_dimension(blob: bytes) -> int | None:
+    """A width or height as ``add_image`` stores it (ASCII digits); ``None`` when it is not one."""
+    text = blob.decode("ascii", "replace")
+    return int(text) if text.isdigit() and len(text) < 7 else None
 
 
 def _quote(value: str, limit: int = 80) -> str:
@@ -306,7 +356,7 @@ def _quote(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
-# Pure helpers (tested directly).
+# Tags, order and answers.
 
 
 def image_tag_parts(tag: str) -> tags.TagParts | None:
@@ -324,11 +374,7 @@ def natural_key(text: str) -> tuple[list[tuple[int, Any]], str]:
     """Sort key ordering embedded numbers by value: ``features.3`` before ``features.10``."""
     # split() with a capturing group puts the digit runs at the odd positions.
     chunks = _NATURAL_CHUNK.split(text)
-    return [
-        (0, int(chunk)) if i % 2 else (1, chunk)
-        for i, chunk in enumerate(chunks)
-        if chunk
-    ], text
+    return [(0, int(chunk)) if i % 2 else (1, chunk) for i, chunk in enumerate(chunks) if chunk], text
 
 
 def _view_key(view: str) -> tuple[bool, int, tuple[list[tuple[int, Any]], str]]:
@@ -351,10 +397,8 @@ def build_index(runs_by_tag: dict[str, Iterable[str]]) -> dict[str, Any]:
             continue
         run_list = sorted(set(runs), key=natural_key)
         all_runs.update(run_list)
-        tree.setdefault(parts.kind, {}).setdefault(parts.layer, {})[parts.view] = (
-            tag,
-            run_list,
-        )
+        views = tree.setdefault(parts.kind, {}).setdefault(parts.layer, {})
+        views[parts.view] = (tag, run_list)
     kinds = [
         {
             "kind": kind,
@@ -394,6 +438,5 @@ def image_content_type(data: bytes) -> str | None:
 def text_of(value: Any) -> str:
     """A text summary's value (a numpy array of bytes or str) as one string, one line per element."""
     return "\n".join(
-        item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
-        for item in value.ravel()
+        item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in value.ravel()
     )

@@ -1,0 +1,178 @@
+"""The plugin inside a real ``tensorboard`` process, over HTTP.
+
+Both data loaders (the Rust data server, TensorBoard's default, and ``--load_fast=false``) serve the
+demo's runs plus a run of 15 logged steps, more than the 10 TensorBoard keeps by default.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from cnnvis_tb import tags
+
+LONG_TAG = tags.image_tag("saliency", "input", tags.probe_view(0))
+LONG_STEPS = list(range(15))
+#: Steps the demo logs with the fixture's ``--steps 6 --every 3``: 0 and 3, and the final state at 6.
+DEMO_LOGGED_STEPS = [0, 3, 6]
+
+
+def fetch(url: str) -> tuple[int, str, bytes]:
+    """Status, media type and body of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers.get_content_type(), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get_content_type(), error.read()
+
+
+def fetch_json(url: str) -> object:
+    status, media_type, body = fetch(url)
+    assert (status, media_type) == (200, "application/json"), body
+    return json.loads(body)
+
+
+def plugin_url(server: str, route: str, **query: str) -> str:
+    return f"{server}/data/plugin/cnnvis/{route}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+
+@pytest.fixture(scope="module")
+def logdir(demo_logdir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    for run in demo_logdir.iterdir():
+        shutil.copytree(run, root / run.name)
+    with SummaryWriter(root / "long") as writer:
+        for step in LONG_STEPS:
+            writer.add_image(LONG_TAG, np.full((3, 5, 5), step * 10, np.uint8), step)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_runs(demo_logdir) -> list[str]:
+    return sorted(run.name for run in demo_logdir.iterdir())
+
+
+def fully_indexed(index: dict, demo_runs: list[str]) -> bool:
+    """Whether every run is listed and each demo view lists every demo run (runs load one by one)."""
+    views = [view for kind in index["kinds"] for layer in kind["layers"] for view in layer["views"]]
+    return index["runs"] == sorted(["long", *demo_runs]) and all(
+        view["runs"] == demo_runs for view in views if view["tag"] != LONG_TAG
+    )
+
+
+@pytest.fixture(scope="module", params=["rust data server", "--load_fast=false"])
+def server(request, logdir, demo_runs, start_tensorboard, wait_for_json) -> str:
+    fast = request.param == "rust data server"
+    tensorboard = start_tensorboard(logdir, *(() if fast else ("--load_fast=false",)), plugin="cnnvis")
+    # Make sure each case runs the loader it claims to (TensorBoard silently falls back otherwise).
+    assert ("fast data loading" in tensorboard.log.read_text()) == fast
+    wait_for_json(plugin_url(tensorboard.url, "index"), lambda index: fully_indexed(index, demo_runs))
+    return tensorboard.url
+
+
+def test_plugins_listing_enables_the_tab(server):
+    listing = fetch_json(f"{server}/data/plugins_listing")
+    assert listing["cnnvis"]["enabled"] is True
+    assert listing["cnnvis"]["tab_name"] == "CNN Vis"
+    assert listing["cnnvis"]["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/cnnvis/index.js"}
+
+
+def test_index_lists_the_runs_and_the_demo_kinds(server, demo_runs):
+    index = fetch_json(plugin_url(server, "index"))
+    assert index["runs"] == sorted(["long", *demo_runs])
+    kinds = {k["kind"]: k for k in index["kinds"]}
+    assert {"gradcam", "features", "kernels", "actmax", "saliency"} <= set(kinds)
+    for kind in ("gradcam", "features", "kernels", "actmax"):
+        for layer in kinds[kind]["layers"]:
+            for view in layer["views"]:
+                assert view["runs"] == demo_runs
+                assert view["tag"] == tags.image_tag(kind, layer["layer"], view["view"])
+    assert kinds["saliency"]["layers"] == [
+        {"layer": "input", "views": [{"view": "probe_000", "probe": 0, "tag": LONG_TAG, "runs": ["long"]}]}
+    ]
+
+
+def test_every_logged_step_is_served(server, demo_runs, wait_for_json):
+    """All 15 steps of the long run, and every step the demo logged for every tag (once loaded)."""
+    long_run = [{"run": "long", "steps": LONG_STEPS}]
+    url = plugin_url(server, "steps", tag=LONG_TAG)
+    wait_for_json(url, lambda answer: answer["runs"] == long_run, timeout=30, settle=False)
+    index = fetch_json(plugin_url(server, "index"))
+    expected = [{"run": run, "steps": DEMO_LOGGED_STEPS} for run in demo_runs]
+    for kind in index["kinds"]:
+        for layer in kind["layers"]:
+            for view in layer["views"]:
+                if view["tag"] != LONG_TAG:
+                    url = plugin_url(server, "steps", tag=view["tag"])
+                    wait_for_json(url, lambda answer: answer["runs"] == expected, timeout=30, settle=False)
+
+
+def test_images_are_pngs_of_the_announced_size(server, demo_runs):
+    index = fetch_json(plugin_url(server, "index"))
+    for kind in index["kinds"]:
+        tag = kind["layers"][0]["views"][0]["tag"]
+        answer = fetch_json(plugin_url(server, "steps", tag=tag))
+        run, steps = answer["runs"][0]["run"], answer["runs"][0]["steps"]
+        status, media_type, body = fetch(plugin_url(server, "image", run=run, tag=tag, step=str(steps[-1])))
+        assert (status, media_type) == (200, "image/png"), body[:200]
+        assert Image.open(io.BytesIO(body)).size == (answer["width"], answer["height"])
+
+
+@pytest.mark.parametrize(
+    ("route", "query", "status"),
+    [
+        ("image", {"run": "long", "tag": LONG_TAG, "step": "-1"}, 400),
+        ("image", {"run": "long", "tag": LONG_TAG, "step": "99999999999999999999999"}, 400),
+        ("image", {"run": "long", "tag": LONG_TAG, "step": "15"}, 404),
+        ("image", {"run": "nope", "tag": LONG_TAG, "step": "1"}, 404),
+        ("image", {"run": "long", "tag": "../../../etc/passwd", "step": "1"}, 400),
+        ("image", {"run": "long", "tag": LONG_TAG}, 400),
+        ("steps", {"tag": "cnnvis/gradcam/nope/probe_000"}, 404),
+        ("text", {"run": "\u00e9t\u00e9 \U0001f642"}, 404),
+    ],
+)
+def test_bad_arguments_answer_json_client_errors(server, route, query, status):
+    got_status, media_type, body = fetch(plugin_url(server, route, **query))
+    assert (got_status, media_type) == (status, "application/json"), body
+    assert json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["static/..%2F..%2Fsetup.py", "static/%2e%2e/cnnvis_plugin.py", "index.js%2F..%2F..%2F"]
+)
+def test_encoded_traversal_finds_nothing(server, path):
+    status, _, body = fetch(f"{server}/data/plugin/cnnvis/{path}")
+    assert status == 404
+    assert b"import" not in body
+
+
+def test_the_tab_entry_page_loads_our_module_under_a_strict_policy(server):
+    with urllib.request.urlopen(f"{server}/data/plugin_entry.html?name=cnnvis", timeout=30) as response:
+        policy = response.headers["Content-Security-Policy"]
+        page = response.read().decode()
+    assert '<base href="plugin/cnnvis/"' in page and "./index.js" in page
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src", 1)[1]
+    status, media_type, body = fetch(plugin_url(server, "index.js"))
+    assert (status, media_type) == (200, "text/javascript")
+    assert b"export async function render()" in body
+
+
+def test_routes_work_under_a_path_prefix(logdir, start_tensorboard, wait_for_json):
+    server = start_tensorboard(logdir, "--path_prefix", "/board", plugin="cnnvis", prefix="/board").url
+    wait_for_json(
+        plugin_url(server, "steps", tag=LONG_TAG), lambda answer: len(answer["runs"][0]["steps"]) == 15, settle=False
+    )
+    assert fetch_json(plugin_url(server, "steps", tag=LONG_TAG))["runs"][0]["steps"] == LONG_STEPS
+    status, media_type, _ = fetch(plugin_url(server, "image", run="long", tag=LONG_TAG, step="14"))
+    assert (status, media_type) == (200, "image/png")
+    assert fetch(server.removesuffix("/board") + "/data/plugin/cnnvis/index")[0] == 404
