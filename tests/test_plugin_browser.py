@@ -27,7 +27,8 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1400, "height": 900}
 #: A run whose name is markup: it must show as text and run nothing.
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "tab.png"
+#: Where the screenshot goes (tests/artifacts/, ignored by git; docs/screenshot.py makes the README's from real runs).
+SCREENSHOT = Path(__file__).resolve().parent / "artifacts" / "tab.png"
 FRAME = 'iframe[src*="name=cnnvis"]'
 
 #: Resolves once every <img> created in the tab has finished (loaded or failed).
