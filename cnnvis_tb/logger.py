@@ -34,10 +34,11 @@ from cnnvis_tb.layers import (
     trace_layers,
     unwrap_model,
 )
-from cnnvis_tb.probe import Probe, load_probe
+from cnnvis_tb.options import check_options
+from cnnvis_tb.probe import Probe, check_channels
 from cnnvis_tb.render import caption, colorize, denormalize, make_grid, overlay_heatmap, to_uint8, upscale
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
-from cnnvis_tb.schedule import build_schedule, check_kinds
+from cnnvis_tb.schedule import check_kinds
 
 __all__ = ["VisLogger"]
 
@@ -143,13 +144,14 @@ class VisLogger:
         self._net = unwrap_model(model)
         self._probe_cache: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
         self._closed = True  # until the constructor has validated everything
+        options = check_options(
+            probe=probe, probe_labels=probe_labels, mean=mean, std=std, class_names=class_names, every=every,
+            kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
+            actmax_channels=actmax_channels, output_selector=output_selector,
+        )
         self.strict = bool(strict)
-        self.kinds = check_kinds(kinds)
-        self._schedule = build_schedule(every, self.kinds)
+        self.kinds, self._schedule = options.kinds, options.schedule
         self.every = dict(self._schedule)
-        for name, value in (("probe_size", probe_size), ("top_k", top_k), ("max_kernels", max_kernels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.top_k, self.max_kernels, self.output_selector = top_k, max_kernels, output_selector
         self._actmax_config = ActMaxConfig(steps=actmax_steps, seed=seed)
         self.actmax_background = bool(actmax_background)
@@ -160,9 +162,9 @@ class VisLogger:
                 f"{type(self._net).__name__} has no 2-D convolution (nn.Conv2d): cnnvis_tb visualizes "
                 "convolutional networks; pass the CNN (or the part of your model that holds its convolutions)"
             )
-        first_conv = convs[0][1]
-        self.probe: Probe = load_probe(probe, probe_labels, max_images=probe_size, in_channels=first_conv.in_channels)
-        self.mean, self.std = self._check_norm(mean, "mean"), self._check_norm(std, "std")
+        self.probe: Probe = options.probe
+        check_channels(self.probe.images, convs[0][1].in_channels)
+        self.mean, self.std = options.mean, options.std
 
         # One dry run on the probe: checks that the model accepts it, finds class count and layer shapes.
         self._traces, num_classes = self._dry_run()
@@ -174,8 +176,8 @@ class VisLogger:
                     f"probe_labels hold classes {bad.tolist()} out of range: the model outputs {num_classes} classes "
                     f"(valid labels are 0..{num_classes - 1})"
                 )
+        class_names = options.class_names
         if class_names is not None:
-            class_names = [str(c) for c in class_names]
             if len(class_names) != num_classes:
                 raise ValueError(
                     f"class_names has {len(class_names)} names but the model outputs {num_classes} classes"
@@ -208,17 +210,6 @@ class VisLogger:
         _open_loggers.add(self)
 
     # ------------------------------------------------------------------ validation
-    def _check_norm(self, values, name: str) -> tuple[float, ...] | None:
-        if values is None:
-            return None
-        values = tuple(float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values))
-        c = self.probe.images.shape[1]
-        if len(values) != c:
-            raise ValueError(f"{name} must have one value per input channel: expected {c}, got {len(values)}")
-        if name == "std" and any(v <= 0 for v in values):
-            raise ValueError(f"std values must be > 0, got {values}")
-        return values
-
     @staticmethod
     def _check_writable(log_dir: str) -> None:
         try:
@@ -289,8 +280,6 @@ class VisLogger:
                     self.layers["actmax"].append(layer)
                 targets += [(layer, int(c)) for c in chans]
         else:
-            if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
-                raise ValueError(f"actmax_channels must be a positive int or {{layer: [channels]}}, got {spec!r}")
             for layer in self.layers["actmax"]:
                 total = shapes[layer][1]
                 count = min(spec, total)

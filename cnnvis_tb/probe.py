@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Probe", "load_probe"]
+__all__ = ["Probe", "load_probe", "check_channels"]
 
 
 @dataclass
@@ -63,12 +63,21 @@ def _from_dataset(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return stacked, torch.as_tensor([int(lab) for lab in labels])
 
 
+def check_channels(images: torch.Tensor, in_channels: int) -> None:
+    """The probe must have as many channels as the model's first convolution takes."""
+    if images.shape[1] != in_channels:
+        raise ValueError(
+            f"probe has {images.shape[1]} channels but the model's first convolution expects {in_channels}: "
+            f"expected [N, {in_channels}, H, W], got {_shape(images)}"
+        )
+
+
 def load_probe(
     probe: object,
     probe_labels: Sequence[int] | torch.Tensor | None,
     *,
     max_images: int,
-    in_channels: int | None,
+    in_channels: int | None = None,
 ) -> Probe:
     """Validate and copy the probe; raise early with what was expected and what was given.
 
@@ -97,11 +106,8 @@ def load_probe(
         )
     if images.device.type == "meta":
         raise ValueError("probe is on the 'meta' device and holds no data; pass real images")
-    if in_channels is not None and images.shape[1] != in_channels:
-        raise ValueError(
-            f"probe has {images.shape[1]} channels but the model's first convolution expects {in_channels}: "
-            f"expected [N, {in_channels}, H, W], got {_shape(images)}"
-        )
+    if in_channels is not None:
+        check_channels(images, in_channels)
     if not torch.isfinite(images).all():
         raise ValueError("probe contains NaN or infinite values")
     images = images.detach().to("cpu", torch.float32).clone()

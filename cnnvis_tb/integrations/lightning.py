@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:
@@ -31,8 +30,8 @@ except ImportError:  # the older package name of the same library
         ) from e
 
 from cnnvis_tb.logger import VisLogger
-from cnnvis_tb.probe import Probe, load_probe
-from cnnvis_tb.schedule import build_schedule, check_kinds
+from cnnvis_tb.options import check_options
+from cnnvis_tb.probe import Probe
 
 __all__ = ["CnnVisCallback"]
 
@@ -166,38 +165,7 @@ class CnnVisCallback(Callback):
             vis.close()
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_options(probe: Any, options: dict[str, Any]) -> Probe:
-    """Check what can be checked without the model; return the probe, read once."""
-    kinds = check_kinds(options.get("kinds"))
-    build_schedule(options.get("every"), kinds)
-    for name in ("probe_size", "top_k", "max_kernels", "actmax_steps"):
-        if name in options:
-            _positive_int(name, options[name])
-    channels = options.get("actmax_channels")
-    if channels is not None and not isinstance(channels, Mapping):
-        _positive_int("actmax_channels", channels)
-    selector = options.get("output_selector")
-    if selector is not None and not callable(selector):
-        raise TypeError(f"output_selector must be callable (output -> scores [N, classes]), got {selector!r}")
-    names = options.get("class_names")
-    if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
-        raise TypeError(f"class_names must be a sequence of names, one per class, got {type(names).__name__}")
-    size = options.get("probe_size", _PARAMETERS["probe_size"].default)
-    checked = load_probe(probe, options.get("probe_labels"), max_images=size, in_channels=None)
-    for name in ("mean", "std"):
-        values = options.get(name)
-        if values is None:
-            continue
-        values = [float(v) for v in values]
-        if len(values) != checked.images.shape[1]:
-            raise ValueError(f"{name} must have one value per input channel: expected {checked.images.shape[1]}, "
-                             f"got {len(values)}")
-        if name == "std" and any(v <= 0 for v in values):
-            raise ValueError(f"std values must be > 0, got {tuple(values)}")
-    return checked
+    """Check what can be checked without the model (VisLogger's own checks); return the probe, read once."""
+    model_free = inspect.signature(check_options).parameters
+    return check_options(probe=probe, **{k: v for k, v in options.items() if k in model_free}).probe
