@@ -253,7 +253,7 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         if not series:
             raise errors.NotFoundError(f"no run holds images under tag {_quote(tag)}")
         runs = sorted(series, key=natural_key)
-        width, height = self._image_size(ctx, series[runs[0]][-1])
+        width, height = self._image_size(ctx, [series[run][-1] for run in runs])
         return {
             "tag": tag,
             "width": width,
@@ -261,18 +261,28 @@ class CnnVisPlugin(base_plugin.TBPlugin):
             "runs": [{"run": run, "steps": sorted({datum.step for datum in series[run]})} for run in runs],
         }
 
-    def _image_size(self, ctx: RequestContext, datum: provider.BlobSequenceDatum) -> tuple[int | None, int | None]:
-        """Width and height of an image, from the first two values ``add_image`` stores beside it.
+    def _image_size(
+        self, ctx: RequestContext, data: Iterable[provider.BlobSequenceDatum]
+    ) -> tuple[int | None, int | None]:
+        """Width and height of the images, from the first two values ``add_image`` stores beside each.
 
         The tab sizes its cells from them before any image arrives, so that the first screen
-        requests exactly the images it shows.
+        requests exactly the images it shows. The first datum whose values can be read answers:
+        the Rust data server hands out blob keys it cannot parse back when a run or tag name holds
+        a ``"`` or a ``\\``, and one such run must not take the whole answer down.
         """
-        if len(datum.values) < 3:
-            return None, None
-        width, height = (
-            _parse_dimension(self._data_provider.read_blob(ctx, blob_key=value.blob_key)) for value in datum.values[:2]
-        )
-        return width, height
+        for datum in data:
+            if len(datum.values) < 3:
+                continue
+            try:
+                width, height = (
+                    _parse_dimension(self._data_provider.read_blob(ctx, blob_key=value.blob_key))
+                    for value in datum.values[:2]
+                )
+            except errors.PublicError:
+                continue
+            return width, height
+        return None, None
 
     def _read_series(
         self,
