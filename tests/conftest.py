@@ -1,4 +1,4 @@
-"""Shared fixtures: real TensorBoard processes on free ports, and a logdir of demo runs."""
+"""Shared fixtures: real TensorBoard processes on free ports, a logdir of demo runs, and headless Chromium."""
 
 from __future__ import annotations
 
@@ -154,3 +154,41 @@ def demo_logdir(tmp_path_factory) -> Path:
         output, _ = training.communicate(timeout=300)
         assert training.returncode == 0, output.decode(errors="replace")
     return logdir
+
+
+# Headless Chromium (Debian's package, driven by playwright; no browser download).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def require_browser() -> None:
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if not CHROMIUM.exists():
+        missing.append(str(CHROMIUM))
+    if missing:
+        message = f"the browser test needs {' and '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true: failing instead of skipping)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -6,7 +6,6 @@ Every test also checks that the page logged no console error and opened no dialo
 
 from __future__ import annotations
 
-import os
 import shutil
 import urllib.parse
 from collections.abc import Iterator
@@ -15,15 +14,6 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 VIEWPORT = {"width": 1400, "height": 900}
 #: A run whose name is markup: it must show as text and run nothing.
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
@@ -55,32 +45,6 @@ SLOTS_ON_SCREEN = """() => {
     }
     return {onScreen, total: slots.length};
 }"""
-
-
-def require_browser() -> None:
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package")
-    if not CHROMIUM.exists():
-        missing.append(str(CHROMIUM))
-    if missing:
-        message = f"the browser test needs {' and '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true: failing instead of skipping)")
-        pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from tensorboard import errors
 from tensorboard.backend.event_processing import data_provider
 from tensorboard.compat.proto import event_pb2
 from test_plugin_backend import ROUTE, serve
-from test_plugin_browser import ALL_IMAGES_SETTLED, CHROMIUM, CHROMIUM_ARGS, FRAME, VIEWPORT, Tab, require_browser
+from test_plugin_browser import ALL_IMAGES_SETTLED, FRAME, VIEWPORT, Tab
 from test_plugin_server import fetch, plugin_url
 from torch import nn
 
@@ -409,29 +409,18 @@ def test_runs_without_readable_data_answer_cleanly(api, hostile, run):
 # The tab in Chromium.
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[object]:
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @dataclass
 class HostileTab(Tab):
     failed: list[str] = field(default_factory=list)  #: URLs answered with an error status
 
 
 @pytest.fixture
-def open_tab(chromium) -> Iterator[Callable[..., HostileTab]]:
+def open_tab(browser) -> Iterator[Callable[..., HostileTab]]:
     """``open_tab(url)`` opens TensorBoard at ``url``; afterwards checks that no dialog opened and nothing failed."""
     tabs: list[HostileTab] = []
 
     def open_(url: str) -> HostileTab:
-        page = chromium.new_page(viewport=VIEWPORT)
+        page = browser.new_page(viewport=VIEWPORT)
         tab = HostileTab(page)
         page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
         page.on("pageerror", lambda error: tab.console_errors.append(str(error)))
