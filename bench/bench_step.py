@@ -1,0 +1,219 @@
+"""What ``VisLogger`` costs a training run: idle ``step()`` calls, a whole run, one logging step per kind.
+
+(a) ``vis.step(s)`` on steps where nothing is due (default schedule): median over 10,000 calls, in µs,
+    and a check that no hook is left on the model afterwards.
+(b) The demo training of ``examples/train_shapes.py`` (SmallCNN, ShapesDataset, batch 64, 32 px, SGD with
+    OneCycleLR; 600 steps) with a ``VisLogger`` at its default schedule (``every=None``) and without, same
+    seeds, alternated in this one process at the finest grain: the two runs advance in lockstep, one step of
+    each in turn (the order flipping every step), so slow phases of a busy machine hit both alike. Logger
+    construction and ``close()`` count. The final parameters of both runs must be bit-identical.
+(c) One logging step of each kind alone (``vis.log_now(step, kinds=[kind])``) as a multiple of one
+    training step, interleaved round by round: the demo model (8-image 32 px probe; unit: a batch-64 step)
+    and ResNet-18 (8-image 224 px probe; unit: a batch-8 step). ResNet-18's activation maximization is too
+    slow to repeat here: it is timed with 2 and 6 optimization steps and extrapolated linearly to the
+    logger's default 48 steps (the cost of one optimization step is constant).
+
+    python bench/bench_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from benchutil import Row, check, finish, hook_count, info, interleaved, median_ms, parse_args, shapes_probe
+from torch import nn
+
+from cnnvis_tb import VisLogger
+from cnnvis_tb.demo import CLASSES, MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_EVERY
+
+ACTMAX_STEPS = 48  # VisLogger's default actmax_steps
+
+
+def idle_steps(calls: int) -> list[Row]:
+    """(a) Median time of ``vis.step`` on steps where no kind is due, and hooks left behind."""
+    model = SmallCNN()
+    images, labels = shapes_probe(8, 32)
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as log_dir:
+        vis = VisLogger(model, log_dir, probe=images, probe_labels=labels, mean=MEAN, std=STD)
+        steps = [s for s in range(1, 2 * calls) if not vis.due(s)][:calls]
+        hooks_before = hook_count(model)
+        times, logged = [], 0
+        for s in steps:
+            start = time.perf_counter_ns()
+            logged += vis.step(s)
+            times.append(time.perf_counter_ns() - start)
+        hooks_after = hook_count(model)
+        vis.close()
+    times_us = sorted(t / 1e3 for t in times)
+    return [
+        check(f"idle vis.step(): median of {len(times)} calls", statistics.median(times_us), "<", 20,
+              fmt="{:.2f}", unit=" µs"),
+        info("idle vis.step(): 99th percentile", f"{times_us[int(0.99 * len(times_us))]:.2f} µs"),
+        check(f"hooks on the model after the idle calls (before: {hooks_before}; logged: {logged})", hooks_after,
+              "<=", 0, fmt="{:d}"),
+    ]
+
+
+class TrainingRun:
+    """The loop of examples/train_shapes.py, advanced one step at a time so two runs can be interleaved.
+
+    Each run keeps its own copy of the global RNG state (dropout draws from it) and its DataLoader has its
+    own generator, so interleaving two runs changes nothing about either. Only the run's own work is timed:
+    logger construction, each step (batch, forward, backward, optimizer, scheduler, ``vis.step``), ``close()``.
+    """
+
+    def __init__(self, steps: int, with_vis: bool, train: ShapesDataset, test: ShapesDataset, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = SmallCNN()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=0.05, total_steps=steps)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, drop_last=True,
+                                                  generator=torch.Generator().manual_seed(seed))
+        self.batches = self._batches()
+        self.rng = torch.get_rng_state()
+        self.seconds, self.step = 0.0, 0
+        self.log_dir = tempfile.TemporaryDirectory(prefix="bench_run_")
+        self.vis = None
+        if with_vis:
+            self._timed(lambda: setattr(self, "vis", VisLogger(
+                self.model, self.log_dir.name, probe=test, probe_size=8, mean=train.mean, std=train.std,
+                class_names=CLASSES)))
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+
+    def _timed(self, fn: Callable[[], object]) -> None:
+        torch.set_rng_state(self.rng)
+        start = time.perf_counter()
+        fn()
+        self.seconds += time.perf_counter() - start
+        self.rng = torch.get_rng_state()
+
+    def _train_step(self) -> None:
+        x, y = next(self.batches)
+        self.model.train()
+        loss = self.loss_fn(self.model(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.vis:
+            self.vis.step(self.step)
+        self.step += 1
+
+    def advance(self) -> None:
+        self._timed(self._train_step)
+
+    def finish(self) -> list[torch.Tensor]:
+        if self.vis:
+            self._timed(self.vis.close)
+        self.log_dir.cleanup()
+        return [t.detach().clone() for t in self.model.state_dict().values()]
+
+
+def run_overhead(steps: int) -> list[Row]:
+    """(b) Whole-run overhead of the default schedule: the runs with and without the logger advance in
+    lockstep, step by step, the order alternating every step, so both see the same machine load."""
+    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
+    plain = TrainingRun(steps, False, train, test)
+    logged = TrainingRun(steps, True, train, test)
+    for i in range(steps):
+        for run in (plain, logged) if i % 2 == 0 else (logged, plain):
+            run.advance()
+    identical = all(torch.equal(a, b) for a, b in zip(plain.finish(), logged.finish(), strict=True))
+    due = {k: len(range(0, steps, n)) for k, n in DEFAULT_EVERY.items() if k != "saliency"}
+    return [
+        info(f"demo run, {steps} steps: without / with VisLogger", f"{plain.seconds:.1f} s / {logged.seconds:.1f} s"),
+        info("logs in the run at the default schedule", ", ".join(f"{k} {n}" for k, n in due.items())),
+        check(f"demo run overhead of VisLogger at defaults ({steps} steps, runs interleaved step by step)",
+              100 * (logged.seconds / plain.seconds - 1), "<=", 3, fmt="{:.1f}", unit=" %"),
+        Row("final parameters with and without the logger bit-identical", "yes" if identical else "no", "yes",
+            identical),
+    ]
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step() -> None:
+        model.train()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return train_step
+
+
+def kind_costs(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], probe_size: int,
+               rounds: int, extrapolate_actmax: bool) -> list[Row]:
+    """(c) One logging step per kind / one training step, median over interleaved rounds."""
+    x, y = batch
+    images, labels = shapes_probe(probe_size, x.shape[-1])
+    train_step = train_step_fn(model, x, y)
+    train_step()  # so gradients exist (the histograms include them)
+    log_dirs = [tempfile.TemporaryDirectory(prefix="bench_kinds_") for _ in range(3)]
+    common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, kinds=ALL_KINDS, strict=True)
+    vis = VisLogger(model, log_dirs[0].name, **common)
+    counter = iter(range(1, 1 << 30))
+    fns: dict[str, Callable[[], object]] = {"train step": train_step}
+    kinds = [k for k in ALL_KINDS if not (extrapolate_actmax and k == "actmax")]
+    for kind in kinds:
+        fns[kind] = lambda kind=kind: vis.log_now(next(counter), kinds=[kind])
+    short = {}
+    if extrapolate_actmax:
+        short = {n: VisLogger(model, log_dirs[i].name, actmax_steps=n, **common) for i, n in ((1, 2), (2, 6))}
+        for n, v in short.items():
+            fns[f"actmax@{n}"] = lambda v=v: v.log_now(next(counter), kinds=["actmax"])
+    for v in (vis, *short.values()):
+        v.log_now(0, kinds=["kernels"])  # first-call costs (writer, layer table) out of the way
+    times = interleaved(fns, rounds=rounds, warmup=0 if extrapolate_actmax else 1)
+    for v in (vis, *short.values()):
+        v.close()
+    for d in log_dirs:
+        d.cleanup()
+
+    if extrapolate_actmax:
+        t2, t6 = times.pop("actmax@2"), times.pop("actmax@6")
+        times["actmax"] = [a + (b - a) * (ACTMAX_STEPS - 2) / 4 for a, b in zip(t2, t6, strict=True)]
+    rows = [info(f"{name}: one training step (batch {len(x)}), median", median_ms(times["train step"]))]
+    for kind in ALL_KINDS:
+        ratio = statistics.median(t / u for t, u in zip(times[kind], times["train step"], strict=True))
+        note = " (opt-in)" if kind == "saliency" else ""
+        if kind == "actmax" and extrapolate_actmax:
+            note = f" ({ACTMAX_STEPS} steps, extrapolated from 2 and 6)"
+        rows.append(info(f"{name}: one '{kind}' logging step{note} / one training step", f"{ratio:.1f}×"))
+    return rows
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    print("(a) idle steps ...", flush=True)
+    rows = idle_steps(10_000)
+    steps = 150 if args.quick else 600
+    print(f"(b) whole demo run, {steps} steps, with and without the logger interleaved ...", flush=True)
+    rows += run_overhead(steps)
+    print("(c) one logging step per kind: demo model ...", flush=True)
+    torch.manual_seed(0)
+    demo_x, demo_y = shapes_probe(64, 32, seed=7)
+    rows += kind_costs("SmallCNN 32 px", SmallCNN(), (demo_x, demo_y), 8, rounds=2 if args.quick else 5,
+                       extrapolate_actmax=False)
+    print("(c) one logging step per kind: ResNet-18 ...", flush=True)
+    torch.manual_seed(0)
+    res_x, res_y = shapes_probe(8, 224, seed=7)
+    rows += kind_costs("ResNet-18 224 px", torchvision.models.resnet18(weights=None), (res_x, res_y), 8,
+                       rounds=1 if args.quick else 2, extrapolate_actmax=True)
+    return finish("VisLogger cost in a training loop", rows, args)
+
+
+if __name__ == "__main__":
+    main()
