@@ -36,7 +36,7 @@ from cnnvis_tb.layers import (
 )
 from cnnvis_tb.options import check_options
 from cnnvis_tb.probe import Probe, check_channels
-from cnnvis_tb.render import caption, colorize, denormalize, make_grid, overlay_heatmap, to_uint8, upscale
+from cnnvis_tb.render import caption, colorize, denormalize, fit, make_grid, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
 from cnnvis_tb.schedule import check_kinds
 
@@ -487,7 +487,7 @@ class VisLogger:
         probs = record.scores.detach().float().softmax(dim=1).cpu()
         targets = {k: v.cpu() for k, v in self._targets(record.scores).items()}
         order = [k for k in ("true", "pred") if k in targets]
-        panel_min = 112
+        panel = 96  # px per panel: legible captions, small files for big inputs
         for layer, _ in self._each_layer("gradcam"):
             acts = record.cam_acts[layer]
             columns = []  # (maps [N, H, W], method label, target key)
@@ -502,12 +502,12 @@ class VisLogger:
                 image = shown[i : i + 1]
                 true = f"true: {self._class_label(int(targets['true'][i]))}" if "true" in targets else "label unknown"
                 first_lines = ["input", true]
-                panels = [caption(upscale(image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image,
-                                          panel_min)[0], first_lines)]
+                rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+                panels = [caption(fit(rgb, panel, panel)[0], first_lines)]
                 for maps, label, key in columns:
                     cls = int(targets[key][i])
-                    overlay = upscale(overlay_heatmap(image, maps[i : i + 1]), panel_min)[0]
-                    panels.append(caption(overlay, [f"{label} {key}", f"{self._class_label(cls)} {probs[i, cls]:.0%}"]))
+                    overlay = fit(overlay_heatmap(image, maps[i : i + 1]), panel, panel)[0]
+                    panels.append(caption(overlay, [label, f"{key}: {self._class_label(cls)} {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
                 self.writer.add_image(tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
 
@@ -518,7 +518,7 @@ class VisLogger:
             image = shown[i : i + 1]
             rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
             tiles = torch.cat([rgb, colorize(maps[i : i + 1], "inferno")])
-            strip = make_grid(upscale(tiles, 96), ncol=2, padding=2)
+            strip = make_grid(fit(tiles, 96, 112), ncol=2, padding=2)
             self.writer.add_image(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
@@ -578,7 +578,7 @@ class VisLogger:
             for layer, images in per_layer.items():
                 channels = [c for name, c in self._actmax_targets if name == layer]
                 rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-                grid = make_grid(upscale(rgb, 64), ncol=min(8, len(channels)), padding=2)
+                grid = make_grid(fit(rgb, 64, 96), ncol=min(8, len(channels)), padding=2)
                 picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
                 self.writer.add_image(tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
             self.writer.flush()

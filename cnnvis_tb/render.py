@@ -20,6 +20,7 @@ __all__ = [
     "to_uint8",
     "caption",
     "upscale",
+    "fit",
 ]
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
@@ -159,6 +160,21 @@ def upscale(images: torch.Tensor, min_size: int, mode: str = "nearest") -> torch
     if mode == "nearest":
         return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     return F.interpolate(images, scale_factor=factor, mode=mode, align_corners=False).clamp(0, 1)
+
+
+@torch.no_grad()
+def fit(images: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """Size ``[N, C, h, w]`` pictures for display: small ones enlarged by an integer factor (nearest, so pixels
+    stay sharp) until the shorter side is ``>= min_size``; large ones shrunk (area averaging) so the longer
+    side is ``<= max_size``. Keeps logged images small for big inputs (224 px) and legible for tiny ones."""
+    h, w = images.shape[-2:]
+    if min(h, w) < min_size:
+        return upscale(images, min_size)
+    if max(h, w) > max_size:
+        scale = max_size / max(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return F.interpolate(images, size=size, mode="area")
+    return images
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,14 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Run the body with ``model`` in eval mode and restore modes and RNG afterwards (see module docs)."""
-    modes = [(m, m.training) for m in model.modules()]
+    # Only the modules in training mode are switched (and switched back): the rest already are as we need.
+    training = [m for m in model.modules() if m.training]
     device = model_device(model)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        model.eval()
+        for module in training:
+            module.training = False
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
@@ -63,8 +65,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
                     stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             yield
     finally:
-        for module, mode in modes:
-            module.training = mode
+        for module in training:
+            module.training = True
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)

@@ -130,10 +130,10 @@ def test_logged_overlay_is_hot_at_the_evidence(tmp_path):
                    layers={"gradcam": ["conv"]}, class_names=["blue", "red"]) as vis:
         vis.step(0)
     strip = image_at(read_events(tmp_path), "cnnvis/gradcam/conv/probe_000").astype(int)
-    # panels are 128 px (32 px upscaled ×4), 2 px apart; panel 1 is Grad-CAM of the true class
-    panel = strip[2:130, 2 + 130 : 130 + 130]
-    hot = panel[4 * 4 : 10 * 4, 20 * 4 : 28 * 4]
-    cold = panel[24 * 4 :, : 8 * 4]
+    # panels are 96 px (32 px upscaled ×3), 2 px apart; panel 1 is Grad-CAM of the true class
+    panel = strip[2:98, 2 + 98 : 98 + 98]
+    hot = panel[4 * 3 : 10 * 3, 20 * 3 : 28 * 3]
+    cold = panel[24 * 3 :, : 8 * 3]
     # jet: hot = red, cold = blue; compare red-minus-blue
     assert (hot[..., 0] - hot[..., 2]).mean() > 100
     assert (cold[..., 0] - cold[..., 2]).mean() < -50

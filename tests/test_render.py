@@ -49,3 +49,13 @@ def test_denormalize_upscale_uint8_caption():
     assert to_uint8(torch.tensor([[[0.0, 0.5, 1.0]]])).tolist() == [[[0, 128, 255]]]
     captioned = caption(torch.zeros(3, 10, 60), ["hello"])
     assert captioned.shape[1] > 10 and captioned[:, 10:].min() < 0.5  # text drawn in the band
+
+
+def test_fit_enlarges_small_and_shrinks_large():
+    from cnnvis_tb.render import fit
+
+    assert fit(torch.ones(1, 3, 32, 32), 96, 96).shape[-2:] == (96, 96)  # ×3, nearest
+    assert fit(torch.ones(1, 3, 224, 112), 48, 96).shape[-2:] == (96, 48)  # area, aspect kept
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.equal(fit(x, 48, 96), x)
+    assert torch.allclose(fit(torch.full((1, 1, 200, 200), 0.3), 10, 50), torch.full((1, 1, 50, 50), 0.3))

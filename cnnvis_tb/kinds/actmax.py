@@ -121,11 +121,19 @@ def _total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def channel_scores(acts: dict[str, torch.Tensor], targets: Sequence[tuple[str, int]]) -> torch.Tensor:
     """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``."""
-    rows = []
-    for k, (layer, channel) in enumerate(targets):
-        a = acts[layer][k, channel]
-        rows.append(a.mean() if a.dim() > 0 else a)
-    return torch.stack(rows).float()
+    scores = [None] * len(targets)
+    by_layer: dict[str, list[int]] = {}
+    for k, (layer, _) in enumerate(targets):
+        by_layer.setdefault(layer, []).append(k)
+    for layer, ks in by_layer.items():  # one indexing op per layer, not one per target
+        a = acts[layer]
+        index = torch.tensor(ks, device=a.device)
+        channels = torch.tensor([targets[k][1] for k in ks], device=a.device)
+        picked = a[index, channels]
+        values = picked.flatten(1).mean(dim=1) if picked.dim() > 1 else picked
+        for k, v in zip(ks, values.unbind(), strict=True):
+            scores[k] = v
+    return torch.stack(scores).float()
 
 
 def optimize_channels(

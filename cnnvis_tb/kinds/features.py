@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import caption, colorize, make_grid, upscale
+from cnnvis_tb.render import caption, colorize, fit, make_grid
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
 
 __all__ = ["feature_maps", "top_channels", "feature_panel"]
@@ -47,18 +47,21 @@ def top_channels(activations: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def feature_panel(image: torch.Tensor, activation: torch.Tensor, k: int = 8, min_tile: int = 48) -> torch.Tensor:
+def feature_panel(
+    image: torch.Tensor, activation: torch.Tensor, k: int = 8, min_tile: int = 48, max_tile: int = 48
+) -> torch.Tensor:
     """One probe image's picture: the image, then its ``k`` most active channels as viridis heat tiles.
 
     ``image`` is ``[C, H, W]`` in ``[0, 1]``, ``activation`` ``[K, h, w]``. The tiles share one scale (the
-    min and max over the shown maps), so a strong channel looks stronger than a weak one. Returns ``[3, H', W']``.
+    min and max over the shown maps), so a strong channel looks stronger than a weak one. Tiles are enlarged to
+    ``min_tile`` or shrunk to ``max_tile`` pixels (see :func:`cnnvis_tb.render.fit`). Returns ``[3, H', W']``.
     """
     indices, _ = top_channels(activation[None], k)
     idx = indices[0]
     maps = activation.float()[idx]  # [k, h, w]
     lo, hi = maps.min(), maps.max()
     maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
-    tiles = upscale(colorize(maps, "viridis"), min_tile)
+    tiles = fit(colorize(maps, "viridis"), min_tile, max_tile)
     size = tiles.shape[-2:]
     picture = image.float().cpu()
     picture = picture.expand(3, -1, -1) if picture.shape[0] == 1 else picture[:3]

@@ -33,13 +33,14 @@ def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, metho
     a = activations.detach().float()
     g = gradients.detach().float()
     if method == "gradcam":
-        weights = g.mean(dim=(2, 3), keepdim=True)
+        weights = g.mean(dim=(2, 3))
     else:
-        g2 = g * g
-        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g
-        alpha = torch.where(denom.abs() > 0, g2 / torch.where(denom.abs() > 0, denom, torch.ones_like(denom)), 0.0)
-        weights = (alpha * g.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
-    return (weights * a).sum(dim=1).clamp_min(0)
+        # alpha * relu(g) = g² relu(g) / (g² (2 + sum(A) g)) = relu(g) / (2 + sum(A) g) where g > 0;
+        # the g² factor cancels, which saves two full-size products and guards g = 0 for free.
+        denom = 2 + a.sum(dim=(2, 3), keepdim=True) * g
+        safe = (g > 0) & (denom != 0)
+        weights = torch.where(safe, g / torch.where(safe, denom, 1.0), 0.0).sum(dim=(2, 3))
+    return torch.einsum("nk,nkhw->nhw", weights, a).clamp_min(0)
 
 
 def normalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -52,8 +53,8 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int] | None = None) -> t
     if size is not None and tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     lo = maps.amin(dim=(1, 2), keepdim=True)
-    hi = maps.amax(dim=(1, 2), keepdim=True)
-    return (maps - lo) / (hi - lo).clamp_min(_EPS) * ((hi - lo) > _EPS)
+    span = maps.amax(dim=(1, 2), keepdim=True) - lo
+    return (maps - lo).mul_(torch.where(span > _EPS, 1.0 / span.clamp_min(_EPS), 0.0))
 
 
 def resolve_targets(targets: int | Sequence[int] | torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
