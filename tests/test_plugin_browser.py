@@ -98,6 +98,19 @@ class Tab:
             ".cv-thumb img", "images => images.map(i => ({src: i.src, width: i.naturalWidth}))"
         )
 
+    def listen(self) -> None:
+        """Records the page's console errors, uncaught errors and dialogs (each dialog is dismissed)."""
+        self.page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.console_errors.append(str(error)))
+        self.page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+
+    def close_and_check(self) -> None:
+        """Closes the page and fails if it ever opened a dialog or logged an error."""
+        self.page.wait_for_timeout(300)  # let late errors or dialogs surface
+        self.page.close()
+        assert self.dialogs == [], "the page opened a dialog"
+        assert self.console_errors == [], "the page logged errors"
+
     def row_runs(self) -> list[str]:
         return self.frame.locator(".cv-row-head .cv-run-name").all_text_contents()
 
@@ -115,9 +128,7 @@ def open_tab(browser, server) -> Iterator:
     def open_(query: str = "", *, wait: bool = True, server: str = default_server) -> Tab:
         page = browser.new_page(viewport=VIEWPORT)
         tab = Tab(page)
-        page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
-        page.on("pageerror", lambda error: tab.console_errors.append(str(error)))
-        page.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+        tab.listen()
         page.on("request", lambda request: record_image_request(tab, request.url))
         page.goto(f"{server}/{query}#cnnvis")
         if wait:
@@ -127,10 +138,7 @@ def open_tab(browser, server) -> Iterator:
 
     yield open_
     for tab in tabs:
-        tab.page.wait_for_timeout(300)  # let late errors or dialogs surface
-        tab.page.close()
-        assert tab.dialogs == [], "the page opened a dialog"
-        assert tab.console_errors == [], "the page logged errors"
+        tab.close_and_check()
 
 
 def record_image_request(tab: Tab, url: str) -> None:

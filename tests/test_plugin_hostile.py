@@ -422,9 +422,7 @@ def open_tab(browser) -> Iterator[Callable[..., HostileTab]]:
     def open_(url: str) -> HostileTab:
         page = browser.new_page(viewport=VIEWPORT)
         tab = HostileTab(page)
-        page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
-        page.on("pageerror", lambda error: tab.console_errors.append(str(error)))
-        page.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+        tab.listen()
         page.on("response", lambda response: response.status >= 400 and tab.failed.append(response.url))
         page.goto(url)
         tabs.append(tab)
@@ -432,10 +430,7 @@ def open_tab(browser) -> Iterator[Callable[..., HostileTab]]:
 
     yield open_
     for tab in tabs:
-        tab.page.wait_for_timeout(300)  # let late errors or dialogs surface
-        tab.page.close()
-        assert tab.dialogs == [], "the page opened a dialog"
-        assert tab.console_errors == [], "the page logged errors"
+        tab.close_and_check()
         assert tab.failed == [], "a request failed"
 
 
