@@ -221,14 +221,14 @@ def layer_table(model: nn.Module, images: torch.Tensor | None = None, traces: li
     Pass ``images`` (``[N, C, H, W]``, as the model sees them) to fill the output shapes from one forward pass
     run in eval mode with the model's state restored afterwards, or ready-made ``traces``.
     """
-    from cnnvis_tb.safety import preserved
+    from cnnvis_tb.safety import model_device, model_dtype, preserved
 
     model = unwrap_model(model)
     if traces is None:
         if images is None:
             raise ValueError("layer_table needs images (a sample input [N, C, H, W]) or traces")
         with preserved(model):
-            traces, _ = trace_layers(model, images)
+            traces, _ = trace_layers(model, images.to(device=model_device(model), dtype=model_dtype(model)))
     rows = ["| layer | type | output shape | parameters |", "| --- | --- | --- | ---: |"]
     for t in traces:
         indent = "&nbsp;&nbsp;" * t.name.count(".")

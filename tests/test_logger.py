@@ -251,3 +251,11 @@ def test_background_actmax_uses_the_snapshot_and_close_waits(tmp_path):
     tag = "cnnvis/actmax/body.3/channels"
     assert [e.step for e in bg.Images(tag)] == [0]
     assert np.array_equal(image_at(bg, tag), image_at(sync, tag))
+
+
+def test_layer_table_follows_the_model_dtype():
+    from cnnvis_tb import layer_table
+
+    model = TinyCNN().double()  # float32 sample images must still run through a float64 model
+    table = layer_table(model, torch.randn(2, 3, 16, 16))
+    assert "| head | Linear | 2×4 | 68 |" in table and model.training
