@@ -32,6 +32,7 @@ setup(
         "tensorboard>=2.14",
         "numpy>=1.23",
         "pillow>=9.0",
+        "google-crc32c>=1.5",  # C checksums for TensorBoard event records (see cnnvis_tb/events.py)
     ],
     extras_require={
         "test": [

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
+from cnnvis_tb.events import add_png, use_fast_checksums
 from cnnvis_tb.kinds.actmax import ActMaxConfig, optimize_channels
-from cnnvis_tb.kinds.features import feature_panel
+from cnnvis_tb.kinds.features import feature_panels
 from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
 from cnnvis_tb.kinds.histograms import log_histograms
 from cnnvis_tb.kinds.kernels import render_kernels
@@ -199,6 +200,7 @@ class VisLogger:
         if self._active and self._log_dir is not None:
             self._check_writable(self._log_dir)
 
+        use_fast_checksums()
         self._closed = False
         self._warned: set[tuple[str, str]] = set()
         self._table_logged = False
@@ -488,28 +490,26 @@ class VisLogger:
         targets = {k: v.cpu() for k, v in self._targets(record.scores).items()}
         order = [k for k in ("true", "pred") if k in targets]
         panel = 96  # px per panel: legible captions, small files for big inputs
+        rgb = shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown
+        inputs = fit(rgb, panel, panel)
         for layer, _ in self._each_layer("gradcam"):
             acts = record.cam_acts[layer]
-            columns = []  # (maps [N, H, W], method label, target key)
+            columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
             for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
                 for key in order:
                     grads = record.grads[key][layer]
                     if grads is None:
                         raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
                     maps = normalize_maps(cam_from_gradients(acts, grads, method), size).cpu()
-                    columns.append((maps, label, key))
+                    columns.append((fit(overlay_heatmap(shown, maps), panel, panel), label, key))
             for i in range(shown.shape[0]):
-                image = shown[i : i + 1]
                 true = f"true: {self._class_label(int(targets['true'][i]))}" if "true" in targets else "label unknown"
-                first_lines = ["input", true]
-                rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
-                panels = [caption(fit(rgb, panel, panel)[0], first_lines)]
-                for maps, label, key in columns:
+                panels = [caption(inputs[i], ["input", true])]
+                for overlays, label, key in columns:
                     cls = int(targets[key][i])
-                    overlay = fit(overlay_heatmap(image, maps[i : i + 1]), panel, panel)[0]
-                    panels.append(caption(overlay, [label, f"{key}: {self._class_label(cls)} {probs[i, cls]:.0%}"]))
+                    panels.append(caption(overlays[i], [label, f"{key}: {self._class_label(cls)} {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-                self.writer.add_image(tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
+                add_png(self.writer, tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_saliency(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
         key = "true" if "true" in record.grads else "pred"
@@ -519,7 +519,7 @@ class VisLogger:
             rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
             tiles = torch.cat([rgb, colorize(maps[i : i + 1], "inferno")])
             strip = make_grid(fit(tiles, 96, 112), ncol=2, padding=2)
-            self.writer.add_image(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
+            add_png(self.writer, tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
         for layer, _ in self._each_layer("features"):
@@ -530,17 +530,15 @@ class VisLogger:
                 raise ValueError(f"layer {layer!r} outputs {tuple(acts.shape)}, not a feature map [N, C, H, W]")
             if not torch.isfinite(acts).all():
                 self._warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
-            acts = acts.float().cpu()
-            for i in range(shown.shape[0]):
-                panel = feature_panel(shown[i], acts[i], k=self.top_k)
-                self.writer.add_image(tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
+            for i, panel in enumerate(feature_panels(shown, acts.float().cpu(), k=self.top_k)):
+                add_png(self.writer, tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
 
     def _log_kernels(self, step: int) -> None:
         for layer, module in self._each_layer("kernels"):
             grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
             if grid.nonfinite:
                 self._warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
-            self.writer.add_image(tags.image_tag("kernels", layer, "grid"), to_uint8(grid.image), step)
+            add_png(self.writer, tags.image_tag("kernels", layer, "grid"), grid.pixels, step)
             note = grid.note
             if note and layer not in self._notes_logged:
                 self._notes_logged.add(layer)
@@ -580,7 +578,7 @@ class VisLogger:
                 rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
                 grid = make_grid(fit(rgb, 64, 96), ncol=min(8, len(channels)), padding=2)
                 picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
-                self.writer.add_image(tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
+                add_png(self.writer, tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
             self.writer.flush()
 
     def _log_actmax(self, step: int) -> None:

@@ -6,6 +6,7 @@ or ``[C, H, W]``, maps ``[N, H, W]``), never mutates its inputs and needs no gra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "colorize",
     "overlay_heatmap",
     "make_grid",
+    "make_grids",
     "denormalize",
     "to_uint8",
     "caption",
@@ -134,19 +136,36 @@ def make_grid(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pa
 
     ``ncol`` defaults to ``ceil(sqrt(N))``. The border around the grid is ``padding`` wide too, so each
     tile ``i`` starts at row ``padding + (i // ncol) * (h + padding)`` and column
-    ``padding + (i % ncol) * (w + padding)``.
+    ``padding + (i % ncol) * (w + padding)``. Tiles of any dtype (uint8 too: then ``pad_value`` is in 0..255).
     """
     tiles = _check_tensor(tiles, "tiles")
     if tiles.dim() != 4 or tiles.shape[0] == 0:
         raise ValueError(f"tiles must be a non-empty [N, C, h, w] tensor, got shape {tuple(tiles.shape)}")
-    n, c, h, w = tiles.shape
+    return make_grids(tiles[None], ncol, padding, pad_value)[0]
+
+
+@torch.no_grad()
+def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+    """:func:`make_grid` for a batch: ``[B, N, C, h, w]`` tiles → ``[B, C, H, W]``, B grids laid out alike.
+
+    A few tensor operations whatever the number of tiles (no Python loop over tiles): each tile is padded to a
+    ``(h + padding) x (w + padding)`` cell, the cells are arranged by a reshape, and the outer border is added.
+    """
+    tiles = _check_tensor(tiles, "tiles")
+    if tiles.dim() != 5 or tiles.shape[1] == 0:
+        raise ValueError(f"tiles must be a non-empty [B, N, C, h, w] tensor, got shape {tuple(tiles.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    b, n, c, h, w = tiles.shape
     ncol = max(1, min(n, ncol if ncol else int(-(-(n**0.5) // 1))))
     nrow = -(-n // ncol)
-    grid = tiles.new_full((c, padding + nrow * (h + padding), padding + ncol * (w + padding)), pad_value)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, top : top + h, left : left + w] = tiles[i]
+    ch, cw = h + padding, w + padding
+    # Cells carry their padding above and to the left; the grid's bottom and right border is added after.
+    cells = tiles.new_full((b, nrow * ncol, c, ch, cw), pad_value)
+    cells[:, :n, :, padding:, padding:] = tiles
+    body = cells.view(b, nrow, ncol, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nrow * ch, ncol * cw)
+    grid = tiles.new_full((b, c, nrow * ch + padding, ncol * cw + padding), pad_value)
+    grid[:, :, : nrow * ch, : ncol * cw] = body
     return grid
 
 
@@ -157,8 +176,10 @@ def upscale(images: torch.Tensor, min_size: int, mode: str = "nearest") -> torch
     factor = max(1, -(-min_size // max(1, min(h, w))))
     if factor == 1:
         return images
-    if mode == "nearest":
-        return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    if mode == "nearest":  # every pixel repeated factor x factor times, as one broadcast copy
+        lead = images.shape[:-2]
+        big = images[..., :, None, :, None].expand(*lead, h, factor, w, factor)
+        return big.reshape(*lead, h * factor, w * factor)
     return F.interpolate(images, scale_factor=factor, mode=mode, align_corners=False).clamp(0, 1)
 
 
@@ -178,45 +199,48 @@ def fit(images: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """``[C, H, W]`` float in ``[0, 1]`` → ``uint8`` on the CPU (what ``SummaryWriter.add_image`` stores)."""
+    """Float in ``[0, 1]`` (any shape, e.g. ``[C, H, W]``) → ``uint8`` on the CPU (what an image summary stores)."""
     image = torch.nan_to_num(image.detach().float(), nan=0.0)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-_FONT_CACHE: dict[int, object] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     from PIL import ImageFont
 
-    if size not in _FONT_CACHE:
-        try:
-            _FONT_CACHE[size] = ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-            _FONT_CACHE[size] = ImageFont.load_default()
-    return _FONT_CACHE[size]
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
+    """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (cached: labels repeat every
+    logging step). Text too long for ``width`` is shortened with an ellipsis so it stays readable."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    canvas = Image.new("RGB", (width, font_size + 3), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    while len(text) > 1 and draw.textlength(text, font=font) > width - 4:
+        text = text[:-2] + "…"
+    draw.text((2, 0), text, fill=(20, 20, 20), font=font)
+    line = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return line.contiguous()
 
 
 @torch.no_grad()
 def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -> torch.Tensor:
-    """Return ``[3, H + band, W]``: ``image`` (``[3, H, W]`` in ``[0, 1]``) above a white band with text lines."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """Return ``[3, H + band, W]``: ``image`` (``[3, H, W]`` in ``[0, 1]``) above a white band with text lines.
 
+    The band is ``len(lines) * (font_size + 3) + 4`` pixels high: 2 white rows, the lines, 2 white rows.
+    """
     image = _check_tensor(image, "image")
     if not lines:
         return image
-    font = _font(font_size)
-    line_h = font_size + 3
-    band = len(lines) * line_h + 4
     width = image.shape[-1]
-    canvas = Image.new("RGB", (width, band), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, text in enumerate(lines):
-        text = str(text)
-        # Shorten until it fits, so long class names stay readable instead of running off the panel.
-        while len(text) > 1 and draw.textlength(text, font=font) > width - 4:
-            text = text[:-2] + "…"
-        draw.text((2, 2 + i * line_h), text, fill=(20, 20, 20), font=font)
-    band_t = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1).to(image.device)
-    return torch.cat([image.float(), band_t], dim=1)
+    margin = image.new_ones((3, 2, width), dtype=torch.float32)
+    rows = [_text_line(str(text), width, font_size).to(image.device) for text in lines]
+    return torch.cat([image.float(), margin, *rows, margin], dim=1)

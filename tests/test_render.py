@@ -59,3 +59,47 @@ def test_fit_enlarges_small_and_shrinks_large():
     x = torch.rand(1, 1, 64, 64)
     assert torch.equal(fit(x, 48, 96), x)
     assert torch.allclose(fit(torch.full((1, 1, 200, 200), 0.3), 10, 50), torch.full((1, 1, 50, 50), 0.3))
+
+
+def _grid_by_loop(tiles, ncol, padding, pad_value):
+    """The layout rule of make_grid's docstring, tile by tile."""
+    n, c, h, w = tiles.shape
+    nrow = -(-n // ncol)
+    grid = torch.full((c, padding + nrow * (h + padding), padding + ncol * (w + padding)), pad_value)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = tiles[i]
+    return grid
+
+
+@pytest.mark.parametrize("n, c, h, w, ncol, padding", [
+    (1, 3, 4, 5, 1, 0), (7, 1, 3, 2, 3, 1), (16, 3, 2, 2, 4, 2), (5, 3, 6, 1, 7, 3), (1024, 3, 3, 3, 16, 1),
+])
+def test_make_grid_matches_the_documented_layout_rule(n, c, h, w, ncol, padding):
+    from cnnvis_tb.render import make_grids
+
+    gen = torch.Generator().manual_seed(n)
+    tiles = torch.rand(n, c, h, w, generator=gen)
+    expected = _grid_by_loop(tiles, min(ncol, n), padding, 0.25)
+    assert torch.equal(make_grid(tiles, ncol=ncol, padding=padding, pad_value=0.25), expected)
+    batch = torch.stack([tiles, 1 - tiles])
+    grids = make_grids(batch, ncol=ncol, padding=padding, pad_value=0.25)
+    assert torch.equal(grids[1], _grid_by_loop(1 - tiles, min(ncol, n), padding, 0.25))
+
+
+def test_upscale_repeats_each_pixel_factor_by_factor():
+    x = torch.rand(2, 3, 4, 5)
+    big = upscale(x, 9)  # factor 3 (4 px -> 12 >= 9)
+    assert torch.equal(big, x.repeat_interleave(3, dim=-2).repeat_interleave(3, dim=-1))
+    assert upscale(x, 4) is x
+
+
+def test_caption_band_height_repeats_and_long_text_is_shortened():
+    image = torch.zeros(3, 10, 40)
+    one = caption(image, ["a label that is far too long for forty pixels"])
+    assert one.shape == (3, 10 + 14 + 4, 40)
+    assert torch.equal(one, caption(image, ["a label that is far too long for forty pixels"]))  # cached line, same pixels
+    two = caption(image, ["x", "y"])
+    assert two.shape == (3, 10 + 2 * 14 + 4, 40) and two[:, 10:12].min() == 1.0  # white margin above the text
+    assert not torch.equal(two[:, 12:26], two[:, 26:40])  # each line its own text

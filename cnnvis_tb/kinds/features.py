@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import caption, colorize, fit, make_grid
+from cnnvis_tb.render import caption, colorize, fit, make_grids
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
 
-__all__ = ["feature_maps", "top_channels", "feature_panel"]
+__all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels"]
 
 
 @torch.no_grad()
@@ -56,15 +56,30 @@ def feature_panel(
     min and max over the shown maps), so a strong channel looks stronger than a weak one. Tiles are enlarged to
     ``min_tile`` or shrunk to ``max_tile`` pixels (see :func:`cnnvis_tb.render.fit`). Returns ``[3, H', W']``.
     """
-    indices, _ = top_channels(activation[None], k)
-    idx = indices[0]
-    maps = activation.float()[idx]  # [k, h, w]
-    lo, hi = maps.min(), maps.max()
+    return feature_panels(image[None], activation[None], k, min_tile, max_tile)[0]
+
+
+@torch.no_grad()
+def feature_panels(
+    images: torch.Tensor, activations: torch.Tensor, k: int = 8, min_tile: int = 48, max_tile: int = 48
+) -> list[torch.Tensor]:
+    """:func:`feature_panel` for a batch (``images [N, C, H, W]``, ``activations [N, K, h, w]``), rendered
+    together: one top-k, one colormap lookup and one grid layout for all N pictures."""
+    indices, _ = top_channels(activations, k)  # [N, k]
+    n, kept = indices.shape
+    h, w = activations.shape[-2:]
+    maps = activations.float().gather(1, indices[:, :, None, None].expand(n, kept, h, w))  # [N, k, h, w]
+    lo = maps.amin(dim=(1, 2, 3), keepdim=True)
+    hi = maps.amax(dim=(1, 2, 3), keepdim=True)
     maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
-    tiles = fit(colorize(maps, "viridis"), min_tile, max_tile)
+    tiles = fit(colorize(maps.flatten(0, 1), "viridis"), min_tile, max_tile).cpu()  # [N*k, 3, t, t']
     size = tiles.shape[-2:]
-    picture = image.float().cpu()
-    picture = picture.expand(3, -1, -1) if picture.shape[0] == 1 else picture[:3]
-    picture = F.interpolate(picture[None], size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-    grid = make_grid(torch.cat([picture, tiles.cpu()]), ncol=min(9, len(idx) + 1), padding=2)
-    return caption(grid, ["top channels: " + " ".join(str(int(i)) for i in idx)])
+    pictures = images.float().cpu()
+    pictures = pictures.expand(-1, 3, -1, -1) if pictures.shape[1] == 1 else pictures[:, :3]
+    pictures = F.interpolate(pictures, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    cells = torch.cat([pictures[:, None], tiles.view(n, kept, 3, *size)], dim=1)  # [N, k + 1, 3, t, t']
+    grids = make_grids(cells, ncol=min(9, kept + 1), padding=2)
+    return [
+        caption(grid, ["top channels: " + " ".join(str(int(i)) for i in idx)])
+        for grid, idx in zip(grids, indices.tolist(), strict=True)
+    ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cnnvis_tb.render import colorize, make_grid, upscale
+from cnnvis_tb.render import colorize, make_grid, to_uint8, upscale
 
 __all__ = ["kernel_grid", "KernelGrid", "render_kernels"]
 
@@ -24,12 +24,17 @@ __all__ = ["kernel_grid", "KernelGrid", "render_kernels"]
 class KernelGrid:
     """A rendered kernel grid and what it leaves out."""
 
-    image: torch.Tensor  # [3, H, W] in [0, 1]
+    pixels: torch.Tensor  # [3, H, W] uint8, as logged
     shown_out: int
     total_out: int
     shown_in: int
     total_in: int
     nonfinite: int
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The grid as ``[3, H, W]`` float in ``[0, 1]``."""
+        return self.pixels.float() / 255
 
     @property
     def note(self) -> str:
@@ -74,7 +79,8 @@ def render_kernels(
         o, i, kh, kw = values.shape
         tiles = colorize(values.reshape(o * i, kh, kw), "rdbu")  # [O*I, 3, kh, kw], row-major: out, then in
         ncol = None if i == 1 else i
-    grid = make_grid(upscale(tiles, min_tile), ncol=ncol, padding=padding, pad_value=1.0)
+    # Quantized before enlarging: the grid (up to ~1000 x 300 px) is laid out in bytes, not floats.
+    grid = make_grid(upscale(to_uint8(tiles), min_tile), ncol=ncol, padding=padding, pad_value=255)
     return KernelGrid(grid, w.shape[0], total_out, shown_in, total_in, nonfinite)
 
 
