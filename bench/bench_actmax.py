@@ -4,7 +4,7 @@ On the demo ``SmallCNN`` trained for 150 SGD steps (32 px inputs), at the layers
 activation maximization by default:
 
 * speed: K = 16 channels of the deepest such layer optimized as ONE batch
-  (``activation_maximization(model, layer, channels, 32, steps=48)``) vs the same 16 channels optimized one
+  (``activation_maximization(model, layer, channels, 32)``, default steps) vs the same 16 channels optimized one
   at a time (16 calls, same steps and size), interleaved round by round; ratio of the medians of the pairs;
 * quality: for each layer, the fraction of 16 channels whose synthesized image excites the channel more
   than every one of 64 held-out ``ShapesDataset`` images does (objective: the channel's spatial mean
@@ -43,9 +43,10 @@ from torch import nn
 
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
 from cnnvis_tb.demo import MEAN, STD
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 
 K = 16
-STEPS = 48  # VisLogger's default actmax_steps
+STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
 SIZE = 32
 
 

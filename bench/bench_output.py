@@ -9,7 +9,7 @@ the run folder on disk (events are flushed at the end of each logging step):
 
 The layer table, written once at the first logging step, is left out of the figure; the bytes of each kind,
 read back from the event file, are shown as context. ResNet-18's activation-maximization pictures are
-optimized with fewer steps than the default 48 to keep the script short (the optimization steps change what
+optimized with fewer steps than the default to keep the script short (the optimization steps change what
 the pictures look like, hence how well they compress, but not their size in pixels); the count is printed.
 
     python bench/bench_output.py [--quick]
@@ -30,6 +30,7 @@ from torch import nn
 
 from cnnvis_tb import VisLogger, tags
 from cnnvis_tb.demo import CLASSES, MEAN, STD, SmallCNN
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 
 STEP = 1000  # a step at which the default schedule logs every default kind
 
@@ -81,7 +82,7 @@ def bytes_per_step(name: str, model: nn.Module, size: int, limit_mb: float | Non
         vis.close()
         per_kind = bytes_by_kind(log_dir, STEP)
         table = bytes_by_kind(log_dir, 0).get("summary", 0)
-    steps_note = f"actmax {actmax_steps} steps" if actmax_steps != 48 else "all defaults"
+    steps_note = f"actmax {actmax_steps} steps" if actmax_steps != DEFAULT_STEPS else "all defaults"
     figure = f"{name}: bytes per logging step, all default kinds ({steps_note})"
     mb = total / 1e6
     value_row = check(figure, mb, "<", limit_mb, fmt="{:.2f}", unit=" MB") if limit_mb else info(figure, f"{mb:.2f} MB")
@@ -96,7 +97,7 @@ def main(argv=None) -> list[Row]:
     args = parse_args(__doc__.splitlines()[0], argv)
     torch.manual_seed(0)
     print("SmallCNN ...", flush=True)
-    rows = bytes_per_step("SmallCNN 8×32²", SmallCNN(), 32, None, 48, CLASSES)
+    rows = bytes_per_step("SmallCNN 8×32²", SmallCNN(), 32, None, DEFAULT_STEPS, CLASSES)
     print("ResNet-18 ...", flush=True)
     rows += bytes_per_step("ResNet-18 8×224²", torchvision.models.resnet18(weights=None), 224, 2.0,
                            2 if args.quick else 12)

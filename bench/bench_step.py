@@ -11,7 +11,7 @@
     training step, interleaved round by round: the demo model (8-image 32 px probe; unit: a batch-64 step)
     and ResNet-18 (8-image 224 px probe; unit: a batch-8 step). ResNet-18's activation maximization is too
     slow to repeat here: it is timed with 2 and 6 optimization steps and extrapolated linearly to the
-    logger's default 48 steps (the cost of one optimization step is constant).
+    logger's default steps (the cost of one optimization step is constant).
 
     python bench/bench_step.py [--quick]
 """
@@ -30,9 +30,10 @@ from torch import nn
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_EVERY
 
-ACTMAX_STEPS = 48  # VisLogger's default actmax_steps
+ACTMAX_STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
 
 
 def idle_steps(calls: int) -> list[Row]:

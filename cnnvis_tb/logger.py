@@ -18,7 +18,7 @@ from torch import nn
 
 from cnnvis_tb import tags
 from cnnvis_tb.events import add_png, use_fast_checksums
-from cnnvis_tb.kinds.actmax import ActMaxConfig, optimize_channels
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS, ActMaxConfig, optimize_channels
 from cnnvis_tb.kinds.features import feature_panels
 from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
 from cnnvis_tb.kinds.histograms import log_histograms
@@ -136,7 +136,7 @@ class VisLogger:
         probe_size: int = 8,
         top_k: int = 8,
         actmax_channels: int | Mapping[str, Sequence[int]] = 8,
-        actmax_steps: int = 48,
+        actmax_steps: int = DEFAULT_STEPS,
         actmax_background: bool = False,
         max_kernels: int = 64,
         output_selector: Callable[[object], torch.Tensor] | None = None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.probe import Probe, load_probe
 from cnnvis_tb.schedule import build_schedule, check_kinds
 
@@ -55,7 +56,7 @@ def check_options(
     probe_size: int = 8,
     top_k: int = 8,
     max_kernels: int = 64,
-    actmax_steps: int = 48,
+    actmax_steps: int = DEFAULT_STEPS,
     actmax_channels: int | Mapping[str, Sequence[int]] = 8,
     output_selector: Callable[[object], torch.Tensor] | None = None,
 ) -> CheckedOptions:

@@ -101,6 +101,7 @@ def capture(
     *,
     for_grad: bool = False,
     stop_after: str | None = None,
+    stop_before: dict[str, nn.Module] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output tensor of each module in ``modules`` during the forward passes run in the body.
 
@@ -111,6 +112,8 @@ def capture(
             changes the copy and not the recorded activation. Without ``for_grad`` a detached copy is kept.
         stop_after: name of a module after whose output the forward pass is cut short with :class:`StopForward`
             (which this context swallows); saves the rest of the network when only early layers matter.
+        stop_before: ``{name: module}`` (one entry): record the module's input as ``"<name>:input"`` (in the
+            graph) and cut the forward pass short before the module runs.
 
     Yields ``{name: tensor}``, filled as the forward pass runs (the last call wins for modules called twice).
     Every hook is removed on exit, also when the body raises.
@@ -136,9 +139,20 @@ def capture(
 
         return hook
 
+    def make_pre_hook(name: str):
+        def pre_hook(_module, inputs):
+            tensor = first_tensor(inputs)
+            if tensor is not None:
+                outputs[f"{name}:input"] = tensor
+            raise StopForward(name)
+
+        return pre_hook
+
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_hook(make_hook(name)))
+        for name, module in (stop_before or {}).items():
+            handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
         try:
             yield outputs
         except StopForward:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from cnnvis_tb import VisLogger
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_KINDS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-size", type=int, default=8, help="probe images, taken from every class in turn")
     p.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(DEFAULT_KINDS), metavar="KIND",
                    help=f"visual kinds to log, among {', '.join(ALL_KINDS)} (default: {' '.join(DEFAULT_KINDS)})")
-    p.add_argument("--actmax-steps", type=int, default=48,
-                   help="gradient-ascent steps of each activation-maximization log (default: 48)")
+    p.add_argument("--actmax-steps", type=int, default=DEFAULT_STEPS,
+                   help=f"gradient-ascent steps of each activation-maximization log (default: {DEFAULT_STEPS})")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")

@@ -15,6 +15,7 @@ from torch import nn
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, ShapesDataset, SmallCNN
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="log every kind every N steps (default: VisLogger's per-kind schedule, scaled to --steps)")
     p.add_argument("--kinds", nargs="+", default=None,
                    help="visual kinds to log (default: kernels features gradcam actmax histograms)")
-    p.add_argument("--actmax-steps", type=int, default=48, help="gradient-ascent steps per actmax log")
+    p.add_argument("--actmax-steps", type=int, default=DEFAULT_STEPS, help="gradient-ascent steps per actmax log")
     p.add_argument("--augment", action="store_true", help="random horizontal flips and shifts")
     p.add_argument("--no-vis", action="store_true", help="train without VisLogger (for comparisons)")
     return p.parse_args(argv)

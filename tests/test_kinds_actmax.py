@@ -80,3 +80,43 @@ def test_grayscale_and_errors():
         activation_maximization(model, "stem.0", [8], 10, image_channels=1, steps=2)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         activation_maximization(model, "stem.0", [0], 10, image_channels=1, steps=0)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1),
+    nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(6, 8, 3, padding="same", dilation=2),
+    nn.Conv2d(6, 8, 1, groups=2),
+    nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
+], ids=["plain", "strided", "dilated-same", "grouped", "depthwise"])
+def test_target_channels_of_a_conv_equal_its_full_output_and_gradient(conv):
+    from cnnvis_tb.kinds.actmax import conv_target_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 9, 9, requires_grad=True)
+    images, channels = [0, 1, 2, 4, 4], [0, 5, 3, 1, 5]
+    ours = conv_target_channels(conv, x, images, channels)
+    full = conv(x)[images, channels]
+    assert ours.shape == full.shape and torch.allclose(ours, full, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), [x])
+    (g_full,) = torch.autograd.grad(full.square().sum(), [x])
+    assert torch.allclose(g_ours, g_full, atol=1e-4)
+
+
+def test_the_last_conv_shortcut_optimizes_what_the_full_layer_would():
+    """A Conv2d subclass with its own forward is run as it is (no shortcut); with the same weights the images agree."""
+
+    class OwnForwardConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    plain = TinyCNN()
+    custom = copy.deepcopy(plain)
+    old = custom.body[3]  # the grouped convolution
+    custom.body[3] = OwnForwardConv(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                    groups=old.groups, bias=old.bias is not None)
+    custom.body[3].load_state_dict(old.state_dict())
+    a = activation_maximization(plain, "body.3", [0, 3, 9, 15], 16, steps=6)
+    b = activation_maximization(custom, "body.3", [0, 3, 9, 15], 16, steps=6)
+    assert (a - b).abs().max() < 1e-3

@@ -13,7 +13,7 @@ parameters and their ``.grad`` are never touched.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,10 @@ from torch import nn
 from cnnvis_tb.layers import resolve_layer, unwrap_model
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
 
-__all__ = ["activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores"]
+__all__ = [
+    "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
+    "DEFAULT_STEPS", "DEFAULT_LR",
+]
 
 # Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
 # parametrizations in the feature-visualization literature.
@@ -31,12 +34,18 @@ _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.0
 _COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 
 
+#: Gradient-ascent steps and Adam learning rate by default: on the demo CNN, 24 steps at 0.5 excite the channels
+#: more (median 4.0-5.1x the best probe image) than 48 steps at 0.2 did (3.4-4.2x), for half the time.
+DEFAULT_STEPS = 24
+DEFAULT_LR = 0.5
+
+
 @dataclass(frozen=True)
 class ActMaxConfig:
     """Knobs of the optimization. Defaults suit 32–64 px models on a CPU; scale jitter up for 224 px."""
 
-    steps: int = 48
-    lr: float = 0.2
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
     jitter: int = 2
     scales: tuple[float, ...] = (0.95, 1.0, 1.05)
     tv_weight: float = 0.05
@@ -79,8 +88,8 @@ class _Parametrization:
             x = torch.fft.irfft2(spectrum, s=(h, w), norm="ortho") * 4.0
         else:
             x = self.param
-        if self.color is not None:
-            x = torch.einsum("kchw,dc->kdhw", x, self.color)
+        if self.color is not None:  # mix the colour channels of every pixel: one [3, 3] @ [K, 3, H*W] product
+            x = torch.matmul(self.color, x.reshape(k, c, h * w)).view(k, c, h, w)
         return torch.sigmoid(x)
 
 
@@ -119,21 +128,65 @@ def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def channel_scores(acts: dict[str, torch.Tensor], targets: Sequence[tuple[str, int]]) -> torch.Tensor:
-    """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``."""
+def channel_scores(
+    acts: dict[str, torch.Tensor], targets: Sequence[tuple[str, int]], per_target: Collection[str] = ()
+) -> torch.Tensor:
+    """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``.
+
+    ``acts[layer]`` is the layer's output for the whole batch ``[K, C, ...]``; for the layers in ``per_target``,
+    computed one channel per image (:func:`conv_target_channels`), it is ``[K_layer, ...]``: row ``j`` is the
+    ``j``-th target of that layer in ``targets`` order.
+    """
     scores = [None] * len(targets)
     by_layer: dict[str, list[int]] = {}
     for k, (layer, _) in enumerate(targets):
         by_layer.setdefault(layer, []).append(k)
     for layer, ks in by_layer.items():  # one indexing op per layer, not one per target
         a = acts[layer]
-        index = torch.tensor(ks, device=a.device)
-        channels = torch.tensor([targets[k][1] for k in ks], device=a.device)
-        picked = a[index, channels]
+        if layer in per_target:
+            picked = a
+        else:
+            index = torch.tensor(ks, device=a.device)
+            channels = torch.tensor([targets[k][1] for k in ks], device=a.device)
+            picked = a[index, channels]
         values = picked.flatten(1).mean(dim=1) if picked.dim() > 1 else picked
         for k, v in zip(ks, values.unbind(), strict=True):
             scores[k] = v
     return torch.stack(scores).float()
+
+
+def _is_plain_conv(module: nn.Module | None) -> bool:
+    """An ``nn.Conv2d`` whose forward is the stock one (zero padding): its output channels can be computed apart."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and type(module).forward is nn.Conv2d.forward
+        and module.padding_mode == "zeros"
+    )
+
+
+def conv_target_channels(conv: nn.Conv2d, inputs: torch.Tensor, images: Sequence[int],
+                         channels: Sequence[int]) -> torch.Tensor:
+    """Output channel ``channels[j]`` of ``conv`` on image ``images[j]`` of ``inputs`` ``[N, C_in, H, W]``, for
+    every ``j``: ``[J, H_out, W_out]``, the same values as ``conv(inputs)[images, channels]``.
+
+    One grouped convolution with one group per target computes only those J maps, instead of every output
+    channel of every image: the deepest layer of an activation-maximization batch costs 1/C_out of its full
+    forward and backward pass.
+    """
+    index = torch.as_tensor(list(images), device=inputs.device)
+    chans = torch.as_tensor(list(channels), device=inputs.device)
+    per_group_in = conv.in_channels // conv.groups
+    per_group_out = conv.out_channels // conv.groups
+    x = inputs[index]  # [J, C_in, H, W]
+    if conv.groups > 1:  # each target sees only the input channels of its own group
+        first = (chans // per_group_out) * per_group_in
+        picks = first[:, None] + torch.arange(per_group_in, device=inputs.device)[None, :]
+        x = x.gather(1, picks[:, :, None, None].expand(-1, -1, *x.shape[-2:]))
+    j = len(chans)
+    bias = conv.bias[chans] if conv.bias is not None else None
+    out = F.conv2d(x.reshape(1, j * per_group_in, *x.shape[-2:]), conv.weight[chans], bias,
+                   conv.stride, conv.padding, conv.dilation, groups=j)
+    return out[0]
 
 
 def optimize_channels(
@@ -163,12 +216,29 @@ def optimize_channels(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     m = torch.zeros_like(param.param)
     v = torch.zeros_like(param.param)
+    # The deepest layer, when it is a plain convolution, is not run: the forward pass stops at its input and
+    # only the target channel of each image is computed from it (conv_target_channels).
+    last = modules.get(stop_after) if stop_after is not None else None
+    shortcut = _is_plain_conv(last)
+    hooked = {n: mod for n, mod in modules.items() if not (shortcut and n == stop_after)}
+    rows = [k for k, (layer, _) in enumerate(targets) if layer == stop_after]
+    # On the CPU, oneDNN convolutions of a batch run several times faster on channels-last input (measured:
+    # 16 x 32 px through the demo CNN's convolutions, forward and input gradient, 1.5-4x); the layers follow
+    # the input's layout. Only our input tensor changes layout; the model's parameters are not touched.
+    layout = torch.channels_last if device.type == "cpu" and len(targets) > 1 else torch.contiguous_format
     for t in range(1, config.steps + 1):
         images = param.images()
         x = _normalize(_augment(images, config, generator), mean, std).to(dtype)
-        with capture(modules, for_grad=True, stop_after=stop_after) as acts:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=layout)
+        with capture(hooked, for_grad=True, stop_after=None if shortcut else stop_after, stop_before=(
+                {stop_after: last} if shortcut else None)) as acts:
             net(x)
-        objective = channel_scores(acts, targets).sum()
+        if shortcut:
+            acts[stop_after] = conv_target_channels(
+                last, acts.pop(f"{stop_after}:input"), rows, [targets[k][1] for k in rows]
+            )
+        objective = channel_scores(acts, targets, per_target=(stop_after,) if shortcut else ()).sum()
         penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
         loss = -objective + penalty * len(targets)
         (grad,) = torch.autograd.grad(loss, [param.param])
@@ -190,8 +260,8 @@ def activation_maximization(
     image_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    steps: int = 48,
-    lr: float = 0.2,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
     jitter: int = 2,
     fourier: bool = True,
     seed: int = 0,
