@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-__all__ = ["encode_png", "add_png", "use_fast_checksums"]
+__all__ = ["encode_png", "add_png", "PictureWriter", "use_fast_checksums"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (grey, RGB, RGBA)
@@ -34,36 +37,92 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(image: torch.Tensor, level: int = 1) -> bytes:
-    """PNG bytes of a ``[C, H, W]`` uint8 picture (C = 1, 3 or 4): 8-bit, every row "Up"-filtered, zlib ``level``."""
+    """PNG bytes of a ``[C, H, W]`` uint8 picture (C = 1, 3 or 4): 8-bit, every row "Up"-filtered, zlib ``level``.
+
+    Runs in NumPy and zlib, which release the GIL, so pictures can be encoded on a helper thread
+    (:class:`PictureWriter`) while the caller renders the next one.
+    """
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
         raise ValueError(f"encode_png takes a [C, H, W] uint8 tensor, got {getattr(image, 'dtype', type(image))} "
                          f"of shape {tuple(getattr(image, 'shape', ()))}")
     c, h, w = image.shape
     if c not in _COLOUR_TYPE or h == 0 or w == 0:
         raise ValueError(f"encode_png takes 1, 3 or 4 channels and a non-empty picture, got shape {(c, h, w)}")
-    rows = image.detach().cpu().permute(1, 2, 0).reshape(h, w * c)
-    raw = torch.empty(h, 1 + w * c, dtype=torch.uint8)
+    rows = np.ascontiguousarray(image.detach().cpu().numpy().transpose(1, 2, 0)).reshape(h, w * c)
+    raw = np.empty((h, 1 + w * c), dtype=np.uint8)
     raw[:, 0] = 2  # each row starts with its filter type: 2, "Up"
     raw[0, 1:] = rows[0]  # the row above the first is zeros
-    torch.sub(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOUR_TYPE[c], 0, 0, 0)
-    body = zlib.compress(raw.numpy().tobytes(), level)
+    body = zlib.compress(raw.tobytes(), level)
     return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
+
+
+def _is_torch_writer(writer) -> bool:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return isinstance(writer, SummaryWriter)
+
+
+def _image_summary(tag: str, shape: tuple[int, int, int], png: bytes):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    c, h, w = shape
+    picture = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=png)
+    return Summary(value=[Summary.Value(tag=tag, image=picture)])
 
 
 def add_png(writer, tag: str, image: torch.Tensor, step: int) -> None:
     """Write a ``[C, H, W]`` uint8 picture as ``writer.add_image(tag, image, step)`` would, encoded by
     :func:`encode_png`. Writers other than PyTorch's ``SummaryWriter`` get a plain ``add_image`` call."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if not isinstance(writer, SummaryWriter):
+    if not _is_torch_writer(writer):
         writer.add_image(tag, image, step)
         return
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    writer._get_file_writer().add_summary(_image_summary(tag, tuple(image.shape), encode_png(image)), step)
 
-    c, h, w = image.shape
-    picture = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=encode_png(image))
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+
+_ENCODER: ThreadPoolExecutor | None = None
+_ENCODER_LOCK = threading.Lock()
+
+
+def _encoder() -> ThreadPoolExecutor:
+    global _ENCODER
+    with _ENCODER_LOCK:
+        if _ENCODER is None:
+            _ENCODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnnvis-png")
+        return _ENCODER
+
+
+class PictureWriter:
+    """Pictures of one logging step: encoded on helper threads while the caller renders the next picture
+    (the caller's rendering runs on one core; the other would idle), written in the order they were added by
+    :meth:`flush`, on the caller's thread. Two helpers, so both cores encode while the caller waits."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+        self._pending: list[tuple[str, tuple[int, int, int], int, Future]] = []
+
+    def add(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if not _is_torch_writer(self.writer):
+            self.writer.add_image(tag, image, step)
+            return
+        image = image.detach().cpu()
+        self._pending.append((tag, tuple(image.shape), step, _encoder().submit(encode_png, image)))
+
+    def flush(self) -> None:
+        """Write every picture added so far, in order; the first error of a picture that could not be encoded
+        is raised after all the others are written."""
+        pending, self._pending = self._pending, []
+        error = None
+        for tag, shape, step, future in pending:
+            try:
+                summary = _image_summary(tag, shape, future.result())
+            except Exception as e:
+                error = error or e
+                continue
+            self.writer._get_file_writer().add_summary(summary, step)
+        if error is not None:
+            raise error
 
 
 _fast_checksums: bool | None = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.events import add_png, use_fast_checksums
+from cnnvis_tb.events import PictureWriter, add_png, use_fast_checksums
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS, ActMaxConfig, optimize_channels
 from cnnvis_tb.kinds.features import feature_panels
 from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
@@ -209,6 +209,7 @@ class VisLogger:
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._pictures: PictureWriter | None = None
         _open_loggers.add(self)
 
     # ------------------------------------------------------------------ validation
@@ -419,9 +420,19 @@ class VisLogger:
                     continue
                 with single_threaded():  # the rest renders small pictures
                     if kind not in _PROBE_KINDS:
-                        self._guarded(kind, step, lambda log=log: log(step))
+                        self._guarded(kind, step, lambda log=log: self._written(log, step))
                     elif record is not None:
-                        self._guarded(kind, step, lambda log=log: log(step, record, shown))
+                        self._guarded(kind, step, lambda log=log: self._written(log, step, record, shown))
+
+    def _written(self, log: Callable[..., None], *args) -> None:
+        """Run one kind's logging; the pictures it added (encoded meanwhile on a helper thread) are written
+        before it counts as done, also those made before a failure."""
+        if self._pictures is None or self._pictures.writer is not self.writer:
+            self._pictures = PictureWriter(self.writer)
+        try:
+            log(*args)
+        finally:
+            self._pictures.flush()
 
     def _each_layer(self, kind: str) -> Iterator[tuple[str, nn.Module]]:
         """The kind's layers still in the model; after them, a LookupError naming any that are gone, so one
@@ -509,7 +520,7 @@ class VisLogger:
                     cls = int(targets[key][i])
                     panels.append(caption(overlays[i], [label, f"{key}: {self._class_label(cls)} {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-                add_png(self.writer, tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
+                self._pictures.add(tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_saliency(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
         key = "true" if "true" in record.grads else "pred"
@@ -519,7 +530,7 @@ class VisLogger:
             rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
             tiles = torch.cat([rgb, colorize(maps[i : i + 1], "inferno")])
             strip = make_grid(fit(tiles, 96, 112), ncol=2, padding=2)
-            add_png(self.writer, tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
+            self._pictures.add(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
         for layer, _ in self._each_layer("features"):
@@ -531,14 +542,14 @@ class VisLogger:
             if not torch.isfinite(acts).all():
                 self._warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
             for i, panel in enumerate(feature_panels(shown, acts.float().cpu(), k=self.top_k)):
-                add_png(self.writer, tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
+                self._pictures.add(tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
 
     def _log_kernels(self, step: int) -> None:
         for layer, module in self._each_layer("kernels"):
             grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
             if grid.nonfinite:
                 self._warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
-            add_png(self.writer, tags.image_tag("kernels", layer, "grid"), grid.pixels, step)
+            self._pictures.add(tags.image_tag("kernels", layer, "grid"), grid.pixels, step)
             note = grid.note
             if note and layer not in self._notes_logged:
                 self._notes_logged.add(layer)

@@ -148,8 +148,7 @@ def make_grid(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pa
 def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
     """:func:`make_grid` for a batch: ``[B, N, C, h, w]`` tiles → ``[B, C, H, W]``, B grids laid out alike.
 
-    A few tensor operations whatever the number of tiles (no Python loop over tiles): each tile is padded to a
-    ``(h + padding) x (w + padding)`` cell, the cells are arranged by a reshape, and the outer border is added.
+    At most two tensor copies whatever the number of tiles (no Python loop over tiles).
     """
     tiles = _check_tensor(tiles, "tiles")
     if tiles.dim() != 5 or tiles.shape[1] == 0:
@@ -160,12 +159,16 @@ def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, p
     ncol = max(1, min(n, ncol if ncol else int(-(-(n**0.5) // 1))))
     nrow = -(-n // ncol)
     ch, cw = h + padding, w + padding
-    # Cells carry their padding above and to the left; the grid's bottom and right border is added after.
-    cells = tiles.new_full((b, nrow * ncol, c, ch, cw), pad_value)
-    cells[:, :n, :, padding:, padding:] = tiles
-    body = cells.view(b, nrow, ncol, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nrow * ch, ncol * cw)
     grid = tiles.new_full((b, c, nrow * ch + padding, ncol * cw + padding), pad_value)
-    grid[:, :, : nrow * ch, : ncol * cw] = body
+    # The grid without its bottom and right border, seen as [B, C, row, cell row, column, cell column]: each
+    # cell holds its padding above and to the left, then its tile. One strided copy per block of full rows.
+    cells = grid[:, :, : nrow * ch, : ncol * cw].view(b, c, nrow, ch, ncol, cw)[:, :, :, padding:, :, padding:]
+    full = n // ncol
+    if full:
+        cells[:, :, :full] = tiles[:, : full * ncol].reshape(b, full, ncol, c, h, w).permute(0, 3, 1, 4, 2, 5)
+    if n > full * ncol:  # the last, partly filled row
+        rest = n - full * ncol
+        cells[:, :, full, :, :rest] = tiles[:, full * ncol :].permute(0, 2, 3, 1, 4)
     return grid
 
 
