@@ -107,3 +107,31 @@ def test_fast_checksums_can_be_turned_off():
     env = {**os.environ, "CNNVIS_TB_FAST_CRC": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_picture_writer_writes_in_the_order_added_and_reports_a_bad_picture_last(tmp_path):
+    from cnnvis_tb.events import PictureWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    pictures = PictureWriter(writer)
+    sizes = [(3, 40 + 7 * i, 30) for i in range(12)]
+    for i, shape in enumerate(sizes):
+        pictures.add(f"p/{i:02d}", torch.full(shape, i * 20, dtype=torch.uint8), i)
+        if i == 5:
+            pictures.add("bad", torch.zeros(3, 4, 4), i)  # float: encode_png refuses it
+    with pytest.raises(ValueError, match="uint8"):
+        pictures.flush()
+    pictures.flush()  # nothing left
+    writer.close()
+    acc = read_events(tmp_path)
+    assert sorted(acc.Tags()["images"]) == [f"p/{i:02d}" for i in range(12)]
+    for i, shape in enumerate(sizes):
+        (event,) = acc.Images(f"p/{i:02d}")
+        assert (event.step, event.height) == (i, shape[1])
+        assert np.asarray(Image.open(io.BytesIO(event.encoded_image_string))).max() == i * 20
+    # The order in the file is the order of add(), whatever order the helper threads finished in.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = list(tmp_path.glob("events.out.tfevents.*"))
+    order = [v.tag for e in EventFileLoader(str(path)).Load() for v in e.summary.value]
+    assert order == [f"p/{i:02d}" for i in range(12)]

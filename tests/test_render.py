@@ -103,3 +103,22 @@ def test_caption_band_height_repeats_and_long_text_is_shortened():
     two = caption(image, ["x", "y"])
     assert two.shape == (3, 10 + 2 * 14 + 4, 40) and two[:, 10:12].min() == 1.0  # white margin above the text
     assert not torch.equal(two[:, 12:26], two[:, 26:40])  # each line its own text
+
+
+def test_caption_lines_from_the_glyph_atlas_match_pillows_own_drawing():
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from cnnvis_tb.render import _font, _text_line
+
+    font = _font(11)
+    for text in ["Grad-CAM++", "pred: triangle 97%", "top channels: 12, 4, 55, 3", "true: {circle} <b>&amp;"]:
+        canvas = Image.new("RGB", (200, 14), (255, 255, 255))
+        ImageDraw.Draw(canvas).text((2, 0), text, fill=(20, 20, 20), font=font)
+        expected = np.asarray(canvas, dtype=np.float32) / 255
+        ours = _text_line(text, 200, 11).permute(1, 2, 0).numpy()
+        assert np.abs(ours - expected).max() <= 4 / 255, text  # where two glyphs touch, coverage may differ a hair
+    # Characters outside the atlas are drawn by Pillow, and long text is shortened with an ellipsis either way.
+    assert _text_line("naïve", 60, 11).shape == (3, 14, 60)
+    short = _text_line("x" * 200, 60, 11)
+    assert short.shape == (3, 14, 60) and short[:, :, -3:].min() == 1.0  # nothing drawn past the end

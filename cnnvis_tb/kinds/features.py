@@ -80,6 +80,6 @@ def feature_panels(
     cells = torch.cat([pictures[:, None], tiles.view(n, kept, 3, *size)], dim=1)  # [N, k + 1, 3, t, t']
     grids = make_grids(cells, ncol=min(9, kept + 1), padding=2)
     return [
-        caption(grid, ["top channels: " + " ".join(str(int(i)) for i in idx)])
+        caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)])
         for grid, idx in zip(grids, indices.tolist(), strict=True)
     ]
