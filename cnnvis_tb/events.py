@@ -93,6 +93,17 @@ def _encoder() -> ThreadPoolExecutor:
         return _ENCODER
 
 
+def _forget_encoder_in_child() -> None:
+    """A forked process (DDP or Lightning with the fork start method) has none of its parent's threads: its
+    copy of the executor would queue work no thread ever runs. The child starts its own on first use."""
+    global _ENCODER, _ENCODER_LOCK
+    _ENCODER, _ENCODER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_encoder_in_child)
+
+
 class PictureWriter:
     """Pictures of one logging step: encoded on helper threads while the caller renders the next picture
     (the caller's rendering runs on one core; the other would idle), written in the order they were added by

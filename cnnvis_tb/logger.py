@@ -39,7 +39,7 @@ from cnnvis_tb.options import check_options
 from cnnvis_tb.probe import Probe, check_channels
 from cnnvis_tb.render import caption, colorize, denormalize, fit, make_grid, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
-from cnnvis_tb.schedule import check_kinds
+from cnnvis_tb.schedule import NOT_AT_STEP_ZERO, check_kinds
 
 __all__ = ["VisLogger"]
 
@@ -102,7 +102,9 @@ class VisLogger:
             block before global pooling for Grad-CAM, the middle and last of those convolutions for actmax.
         every: steps between logs: one int for all kinds or ``{kind: int}`` over the defaults
             (kernels/histograms 100, features/gradcam/saliency 200, actmax 1000). A kind is logged at the
-            steps that are multiples of its interval, step 0 included.
+            steps that are multiples of its interval, step 0 included, except activation maximization, which
+            starts at its interval: on the random weights of step 0 it shows nothing learned, and it is the
+            costliest kind (``log_now(0, kinds=["actmax"])`` logs it there if you want it).
         kinds: which kinds to log; default ``("kernels", "features", "gradcam", "actmax", "histograms")``;
             ``"saliency"`` is available too.
         strict: raise when a visual fails instead of warning once and going on (tests use it).
@@ -152,6 +154,7 @@ class VisLogger:
         )
         self.strict = bool(strict)
         self.kinds, self._schedule = options.kinds, options.schedule
+        self._schedule_at_zero = tuple((k, n) for k, n in self._schedule if k not in NOT_AT_STEP_ZERO)
         self.every = dict(self._schedule)
         self.top_k, self.max_kernels, self.output_selector = top_k, max_kernels, output_selector
         self._actmax_config = ActMaxConfig(steps=actmax_steps, seed=seed)
@@ -208,6 +211,7 @@ class VisLogger:
         self._last_logged: dict[str, int] = {}
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
         self._pending: list[Future] = []
         self._pictures: PictureWriter | None = None
         _open_loggers.add(self)
@@ -307,8 +311,9 @@ class VisLogger:
         return self._writer
 
     def due(self, global_step: int) -> tuple[str, ...]:
-        """The kinds whose interval divides ``global_step``."""
-        return tuple(kind for kind, n in self._schedule if global_step % n == 0)
+        """The kinds whose interval divides ``global_step`` (at step 0: all but activation maximization)."""
+        schedule = self._schedule if global_step else self._schedule_at_zero
+        return tuple(kind for kind, n in schedule if global_step % n == 0)
 
     def step(self, global_step: int) -> bool:
         """Log the kinds due at ``global_step``; returns whether anything was logged.
@@ -319,7 +324,8 @@ class VisLogger:
         if not self._active or self._closed:
             return False
         last = self._last_logged
-        due = [kind for kind, n in self._schedule if global_step % n == 0 and last.get(kind) != global_step]
+        schedule = self._schedule if global_step else self._schedule_at_zero
+        due = [kind for kind, n in schedule if global_step % n == 0 and last.get(kind) != global_step]
         if not due:
             return False
         return self.log_now(global_step, due)
@@ -352,6 +358,7 @@ class VisLogger:
         if self._closed:
             return
         self._closed = True
+        self._drop_parents_threads()
         try:
             for future in list(self._pending):
                 with contextlib.suppress(Exception):
@@ -597,6 +604,7 @@ class VisLogger:
             self._write_actmax(step, self._actmax_images(self._net))
             _lookup(self._net, self.layers["actmax"])  # after the layers still there have logged
             return
+        self._drop_parents_threads()
         self._pending = [f for f in self._pending if not f.done()]
         if self._pending:
             self._warn_once("actmax-busy", f"activation maximization of an earlier step is still running; "
@@ -606,6 +614,12 @@ class VisLogger:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnvis-actmax")
         self._pending.append(self._executor.submit(self._background_actmax, snapshot, step))
+
+    def _drop_parents_threads(self) -> None:
+        """In a process forked from the one that started the background worker, that worker does not exist:
+        forget it and its unfinished work (the parent finishes and logs it), so nothing waits on it forever."""
+        if os.getpid() != self._pid:
+            self._pid, self._executor, self._pending = os.getpid(), None, []
 
     def _snapshot(self) -> nn.Module:
         """A frozen copy of the model (eval mode, no gradients) for background work."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 
-__all__ = ["ALL_KINDS", "DEFAULT_KINDS", "DEFAULT_EVERY", "check_kinds", "build_schedule"]
+__all__ = ["ALL_KINDS", "DEFAULT_KINDS", "DEFAULT_EVERY", "NOT_AT_STEP_ZERO", "check_kinds", "build_schedule"]
 
 #: Every kind the logger can compute (``summary`` is the layer table, written once).
 ALL_KINDS = ("kernels", "features", "gradcam", "saliency", "actmax", "histograms")
@@ -13,6 +13,9 @@ ALL_KINDS = ("kernels", "features", "gradcam", "saliency", "actmax", "histograms
 DEFAULT_KINDS = ("kernels", "features", "gradcam", "actmax", "histograms")
 #: Steps between two logs of each kind when ``every`` is not given: cheap kinds often, actmax rarely.
 DEFAULT_EVERY = {"kernels": 100, "histograms": 100, "features": 200, "gradcam": 200, "saliency": 200, "actmax": 1000}
+#: Kinds the schedule does not log at step 0 but first at their interval: activation maximization of the random
+#: weights a run starts from shows no learned feature, and it is the costliest kind (``log_now`` still logs it).
+NOT_AT_STEP_ZERO = frozenset({"actmax"})
 
 
 def check_kinds(kinds: Iterable[str] | str | None, default: Iterable[str] = DEFAULT_KINDS) -> tuple[str, ...]:

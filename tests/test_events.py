@@ -135,3 +135,27 @@ def test_picture_writer_writes_in_the_order_added_and_reports_a_bad_picture_last
     (path,) = list(tmp_path.glob("events.out.tfevents.*"))
     order = [v.tag for e in EventFileLoader(str(path)).Load() for v in e.summary.value]
     assert order == [f"p/{i:02d}" for i in range(12)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_pictures_are_written_in_a_process_forked_after_the_encoder_started(tmp_path):
+    """DDP and Lightning can fork after the parent logged: the child must not wait on the parent's threads."""
+    from cnnvis_tb.events import PictureWriter
+
+    parent = SummaryWriter(str(tmp_path / "parent"))
+    PictureWriter(parent).add("p", torch.zeros(3, 4, 4, dtype=torch.uint8), 0)  # starts the helper threads
+    code = (
+        "import sys, torch; sys.path.insert(0, {!r})\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        "from cnnvis_tb.events import PictureWriter\n"
+        "import os, multiprocessing as mp\n"
+        "pw = PictureWriter(SummaryWriter({!r})); pw.add('a', torch.zeros(3, 4, 4, dtype=torch.uint8), 0); pw.flush()\n"
+        "def child(d):\n"
+        "    w = SummaryWriter(d); p = PictureWriter(w); p.add('c', torch.ones(3, 4, 4, dtype=torch.uint8), 1)\n"
+        "    p.flush(); w.close()\n"
+        "proc = mp.get_context('fork').Process(target=child, args=({!r},)); proc.start(); proc.join(60)\n"
+        "print(proc.exitcode)\n"
+    ).format(os.getcwd(), str(tmp_path / "a"), str(tmp_path / "child"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-1:] == ["0"], out.stderr[-2000:]
+    assert len(read_events(tmp_path / "child").Images("c")) == 1

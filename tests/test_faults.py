@@ -51,9 +51,9 @@ def test_nan_weights_and_activations_keep_training_and_logging(tmp_path):
     assert len(messages) == len(set(messages)) and 1 <= len(messages) <= 6, messages  # once per problem, not per step
     assert any("NaN or inf" in m for m in messages)
     acc = read_events(tmp_path)
-    for tag in ("cnnvis/kernels/stem.0/grid", "cnnvis/gradcam/body/probe_000", "cnnvis/features/body.3/probe_001",
-                "cnnvis/actmax/body.3/channels"):
+    for tag in ("cnnvis/kernels/stem.0/grid", "cnnvis/gradcam/body/probe_000", "cnnvis/features/body.3/probe_001"):
         assert _steps(acc, tag) == [0, 1, 2, 3], tag
+    assert _steps(acc, "cnnvis/actmax/body.3/channels") == [1, 2, 3]  # the schedule starts actmax at its interval
 
 
 def test_layer_removed_between_steps(tmp_path):
@@ -106,7 +106,7 @@ def test_out_of_memory_inside_a_visual(tmp_path, monkeypatch):
 
     strict = _vis(tmp_path / "strict", strict=True)
     with pytest.raises(torch.OutOfMemoryError):
-        strict.step(0)
+        strict.step(1)  # actmax is due from step 1 on
     strict.close()
 
 

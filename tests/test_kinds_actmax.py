@@ -120,3 +120,26 @@ def test_the_last_conv_shortcut_optimizes_what_the_full_layer_would():
     a = activation_maximization(plain, "body.3", [0, 3, 9, 15], 16, steps=6)
     b = activation_maximization(custom, "body.3", [0, 3, 9, 15], 16, steps=6)
     assert (a - b).abs().max() < 1e-3
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX-only")
+def test_a_process_forked_while_background_actmax_runs_closes_its_logger(tmp_path):
+    import multiprocessing as mp
+
+    from cnnvis_tb import VisLogger
+
+    vis = VisLogger(TinyCNN(), tmp_path / "parent", probe=torch.randn(2, 3, 16, 16), actmax_background=True,
+                    actmax_steps=200, kinds=["actmax"])
+    vis.log_now(0, kinds=["actmax"])  # the worker is busy for a while
+
+    def child():
+        vis.close()  # must not wait for the parent's worker, which does not exist here
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    vis.close()
+    assert not alive and proc.exitcode == 0

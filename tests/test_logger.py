@@ -32,6 +32,8 @@ def test_every_kind_written_under_the_tag_scheme(tmp_path):
         vis.step(1)
     acc = read_events(tmp_path)
     images = set(acc.Tags()["images"])
+    steps = {tag: [0, 1] for tag in images}
+    steps.update({f"cnnvis/actmax/{layer}/channels": [1] for layer in vis.layers["actmax"]})  # not at step 0
     layers = vis.layers
     assert layers["gradcam"] == ["body"]
     assert layers["kernels"] == ["stem.0", "body.0", "body.3"] == layers["features"]
@@ -42,7 +44,7 @@ def test_every_kind_written_under_the_tag_scheme(tmp_path):
     expected |= {f"cnnvis/saliency/input/probe_{i:03d}" for i in range(4)}
     assert images == expected
     for tag in images:
-        assert [e.step for e in acc.Images(tag)] == [0, 1]
+        assert [e.step for e in acc.Images(tag)] == steps[tag], tag
         pixels = image_at(acc, tag)
         assert pixels.ndim == 3 and pixels.std() > 5, f"{tag} is blank"
     histograms = set(acc.Tags()["histograms"])
@@ -70,7 +72,7 @@ def test_gradient_histograms_when_grads_exist(tmp_path):
 
 def test_schedule_per_kind_and_step_zero(tmp_path):
     with _logger(tmp_path, every={"kernels": 2, "gradcam": 3, "histograms": 5, "features": 4, "actmax": 6}) as vis:
-        assert vis.due(0) == ("kernels", "features", "gradcam", "actmax", "histograms")
+        assert vis.due(0) == ("kernels", "features", "gradcam", "histograms")  # actmax starts at its interval
         for step in range(7):
             vis.step(step)
             vis.step(step)  # a second call at the same step (gradient accumulation) logs nothing more
@@ -78,7 +80,7 @@ def test_schedule_per_kind_and_step_zero(tmp_path):
     assert [e.step for e in acc.Images("cnnvis/kernels/stem.0/grid")] == [0, 2, 4, 6]
     assert [e.step for e in acc.Images("cnnvis/gradcam/body/probe_000")] == [0, 3, 6]
     assert [e.step for e in acc.Images("cnnvis/features/body.3/probe_000")] == [0, 4]
-    assert [e.step for e in acc.Images("cnnvis/actmax/body.3/channels")] == [0, 6]
+    assert [e.step for e in acc.Images("cnnvis/actmax/body.3/channels")] == [6]
     assert [e.step for e in acc.Histograms("cnnvis/histograms/head/weight")] == [0, 5]
 
 
@@ -209,7 +211,7 @@ def test_grayscale_non_square_input(tmp_path):
     probe = torch.rand(3, 1, 12, 20)
     with VisLogger(model, tmp_path, probe=probe, probe_labels=[0, 1, 2], every=1, kinds=ALL_KINDS, strict=True,
                    actmax_steps=2) as vis:
-        vis.step(0)
+        vis.step(1)  # every kind due
     acc = read_events(tmp_path)
     strip = image_at(acc, "cnnvis/gradcam/body/probe_000")
     assert strip.shape[1] > strip.shape[0]
@@ -240,16 +242,16 @@ def test_background_actmax_uses_the_snapshot_and_close_waits(tmp_path):
     common = {"probe": probe, "probe_labels": labels, "every": 1, "kinds": ["actmax"], "strict": True,
               "actmax_steps": 4}
     vis = VisLogger(model, tmp_path / "bg", actmax_background=True, **common)
-    vis.step(0)
+    vis.step(1)
     with torch.no_grad():  # training goes on and changes the model while the worker optimizes
         for p in model.parameters():
             p.add_(1.0)
     vis.close()  # waits for the worker
     with VisLogger(frozen, tmp_path / "sync", **common) as reference:
-        reference.step(0)
+        reference.step(1)
     bg, sync = read_events(tmp_path / "bg"), read_events(tmp_path / "sync")
     tag = "cnnvis/actmax/body.3/channels"
-    assert [e.step for e in bg.Images(tag)] == [0]
+    assert [e.step for e in bg.Images(tag)] == [1]
     assert np.array_equal(image_at(bg, tag), image_at(sync, tag))
 
 
@@ -259,3 +261,15 @@ def test_layer_table_follows_the_model_dtype():
     model = TinyCNN().double()  # float32 sample images must still run through a float64 model
     table = layer_table(model, torch.randn(2, 3, 16, 16))
     assert "| head | Linear | 2×4 | 68 |" in table and model.training
+
+
+def test_schedule_starts_activation_maximization_at_its_interval(tmp_path):
+    with _logger(tmp_path) as vis:  # the default schedule
+        assert vis.due(0) == ("kernels", "features", "gradcam", "histograms")
+        assert "actmax" not in vis.due(200) and vis.due(1000) == vis.kinds
+    with _logger(tmp_path / "every", every={"actmax": 3}, kinds=["actmax", "kernels"]) as vis:
+        logged = [s for s in range(7) if vis.step(s)]
+        vis.log_now(7, kinds=["actmax"])  # asked for explicitly: logged whatever the schedule says
+    acc = read_events(tmp_path / "every")
+    assert [e.step for e in acc.Images("cnnvis/actmax/" + vis.layers["actmax"][0] + "/channels")] == [3, 6, 7]
+    assert logged == [0, 3, 6]  # kernels at 0 (every 100), actmax at 3 and 6

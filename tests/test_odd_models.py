@@ -106,7 +106,7 @@ def test_bf16_model_under_autocast(tmp_path):
         maps = grad_cam(model, probe, "body", targets=labels)
         with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
                        actmax_steps=2) as vis:
-            vis.step(0)
+            vis.step(1)  # every kind due
     assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
     kinds = {t.split("/")[1] for t in read_events(tmp_path).Tags()["images"]}
     assert kinds == {"kernels", "features", "gradcam", "saliency", "actmax"}

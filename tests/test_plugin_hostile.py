@@ -170,7 +170,7 @@ def hostile(tmp_path_factory) -> Hostile:
         actmax_steps=2,
     ) as vis:
         for step in LOGGED_STEPS:
-            vis.step(step)
+            vis.log_now(step)  # every kind at every step
     (events,) = (root / GOOD).iterdir()
     data = events.read_bytes()
     table_tag = tags.text_tag("model", "layers") + "/text_summary"
