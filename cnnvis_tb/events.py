@@ -73,12 +73,11 @@ def _image_summary(tag: str, shape: tuple[int, int, int], png: bytes):
 
 
 def add_png(writer, tag: str, image: torch.Tensor, step: int) -> None:
-    """Write a ``[C, H, W]`` uint8 picture as ``writer.add_image(tag, image, step)`` would, encoded by
-    :func:`encode_png`. Writers other than PyTorch's ``SummaryWriter`` get a plain ``add_image`` call."""
-    if not _is_torch_writer(writer):
-        writer.add_image(tag, image, step)
-        return
-    writer._get_file_writer().add_summary(_image_summary(tag, tuple(image.shape), encode_png(image)), step)
+    """Write one ``[C, H, W]`` uint8 picture now, as ``writer.add_image(tag, image, step)`` would (see
+    :class:`PictureWriter`)."""
+    pictures = PictureWriter(writer)
+    pictures.add(tag, image, step)
+    pictures.flush()
 
 
 _ENCODER: ThreadPoolExecutor | None = None
@@ -107,7 +106,8 @@ if hasattr(os, "register_at_fork"):
 class PictureWriter:
     """Pictures of one logging step: encoded on helper threads while the caller renders the next picture
     (the caller's rendering runs on one core; the other would idle), written in the order they were added by
-    :meth:`flush`, on the caller's thread. Two helpers, so both cores encode while the caller waits."""
+    :meth:`flush`, on the caller's thread. Two helpers, so both cores encode while the caller waits. Writers
+    other than PyTorch's ``SummaryWriter`` get a plain ``add_image`` call."""
 
     def __init__(self, writer) -> None:
         self.writer = writer

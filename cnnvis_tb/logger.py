@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.events import PictureWriter, add_png, use_fast_checksums
+from cnnvis_tb.events import PictureWriter, use_fast_checksums
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS, ActMaxConfig, optimize_channels
 from cnnvis_tb.kinds.features import feature_panels
 from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
@@ -37,7 +37,7 @@ from cnnvis_tb.layers import (
 )
 from cnnvis_tb.options import check_options
 from cnnvis_tb.probe import Probe, check_channels
-from cnnvis_tb.render import caption, colorize, denormalize, fit, make_grid, overlay_heatmap, to_uint8
+from cnnvis_tb.render import as_rgb, caption, colorize, denormalize, fit, make_grid, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
 from cnnvis_tb.schedule import NOT_AT_STEP_ZERO, check_kinds
 
@@ -203,7 +203,8 @@ class VisLogger:
         if self._active and self._log_dir is not None:
             self._check_writable(self._log_dir)
 
-        use_fast_checksums()
+        if self._active:  # ranks that never write need not import TensorBoard's writer
+            use_fast_checksums()
         self._closed = False
         self._warned: set[tuple[str, str]] = set()
         self._table_logged = False
@@ -434,8 +435,7 @@ class VisLogger:
     def _written(self, log: Callable[..., None], *args) -> None:
         """Run one kind's logging; the pictures it added (encoded meanwhile on a helper thread) are written
         before it counts as done, also those made before a failure."""
-        if self._pictures is None or self._pictures.writer is not self.writer:
-            self._pictures = PictureWriter(self.writer)
+        self._pictures = PictureWriter(self.writer)
         try:
             log(*args)
         finally:
@@ -508,8 +508,7 @@ class VisLogger:
         targets = {k: v.cpu() for k, v in self._targets(record.scores).items()}
         order = [k for k in ("true", "pred") if k in targets]
         panel = 96  # px per panel: legible captions, small files for big inputs
-        rgb = shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown
-        inputs = fit(rgb, panel, panel)
+        inputs = fit(as_rgb(shown), panel, panel)
         for layer, _ in self._each_layer("gradcam"):
             acts = record.cam_acts[layer]
             columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
@@ -534,8 +533,7 @@ class VisLogger:
         maps = saliency_from_gradients(record.grads[key]["input"]).cpu()
         for i in range(shown.shape[0]):
             image = shown[i : i + 1]
-            rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
-            tiles = torch.cat([rgb, colorize(maps[i : i + 1], "inferno")])
+            tiles = torch.cat([as_rgb(image), colorize(maps[i : i + 1], "inferno")])
             strip = make_grid(fit(tiles, 96, 112), ncol=2, padding=2)
             self._pictures.add(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
@@ -591,12 +589,13 @@ class VisLogger:
 
     def _write_actmax(self, step: int, per_layer: dict[str, torch.Tensor]) -> None:
         with self._lock:
+            pictures = PictureWriter(self.writer)  # its own: this may run on the background worker
             for layer, images in per_layer.items():
                 channels = [c for name, c in self._actmax_targets if name == layer]
-                rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-                grid = make_grid(fit(rgb, 64, 96), ncol=min(8, len(channels)), padding=2)
+                grid = make_grid(fit(as_rgb(images), 64, 96), ncol=min(8, len(channels)), padding=2)
                 picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
-                add_png(self.writer, tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
+                pictures.add(tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
+            pictures.flush()
             self.writer.flush()
 
     def _log_actmax(self, step: int) -> None:

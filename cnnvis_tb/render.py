@@ -18,6 +18,7 @@ __all__ = [
     "overlay_heatmap",
     "make_grid",
     "make_grids",
+    "as_rgb",
     "denormalize",
     "to_uint8",
     "caption",
@@ -97,6 +98,11 @@ def denormalize(images: torch.Tensor, mean: Sequence[float] | None, std: Sequenc
     return (images * s.view(1, -1, 1, 1) + m.view(1, -1, 1, 1)).clamp(0, 1)
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 1 or 3, H, W]`` → ``[N, 3, H, W]``: a grey image repeated over three channels (a view, no copy)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 @torch.no_grad()
 def overlay_heatmap(
     images: torch.Tensor, heatmaps: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet"
@@ -126,7 +132,7 @@ def overlay_heatmap(
     heat = heatmaps.detach().float().to(images.device)
     if heat.shape[-2:] != (h, w):
         heat = F.interpolate(heat[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    rgb = images.detach().float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.detach().float()
+    rgb = as_rgb(images.detach().float())
     return ((1 - alpha) * rgb.clamp(0, 1) + alpha * colorize(heat, cmap)).clamp(0, 1)
 
 

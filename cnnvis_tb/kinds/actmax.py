@@ -222,6 +222,7 @@ def optimize_channels(
     shortcut = _is_plain_conv(last)
     hooked = {n: mod for n, mod in modules.items() if not (shortcut and n == stop_after)}
     rows = [k for k, (layer, _) in enumerate(targets) if layer == stop_after]
+    row_channels = [targets[k][1] for k in rows]
     # On the CPU, oneDNN convolutions of a batch run several times faster on channels-last input (measured:
     # 16 x 32 px through the demo CNN's convolutions, forward and input gradient, 1.5-4x); the layers follow
     # the input's layout. Only our input tensor changes layout; the model's parameters are not touched.
@@ -235,9 +236,7 @@ def optimize_channels(
                 {stop_after: last} if shortcut else None)) as acts:
             net(x)
         if shortcut:
-            acts[stop_after] = conv_target_channels(
-                last, acts.pop(f"{stop_after}:input"), rows, [targets[k][1] for k in rows]
-            )
+            acts[stop_after] = conv_target_channels(last, acts.pop(f"{stop_after}:input"), rows, row_channels)
         objective = channel_scores(acts, targets, per_target=(stop_after,) if shortcut else ()).sum()
         penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
         loss = -objective + penalty * len(targets)
