@@ -103,6 +103,34 @@ def test_target_channels_of_a_conv_equal_its_full_output_and_gradient(conv):
     assert torch.allclose(g_ours, g_full, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1),
+    nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(6, 8, 3, padding="same", dilation=2),
+    nn.Conv2d(6, 8, 1, groups=2),
+    nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
+], ids=["plain", "strided", "dilated-same", "grouped", "depthwise"])
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [1, 2], [0, 3, 4]], ids=["all", "slice", "picked"])
+def test_the_mean_of_a_conv_channel_as_a_linear_form_equals_the_conv(conv, rows):
+    """The linear form scoring the deepest convolution gives the channel means and their gradient."""
+    from cnnvis_tb.kinds.actmax import _LinearScore
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 9, 9, requires_grad=True)
+    channels = [5, 3, 1, 5, 0][: len(rows)]
+    channels = [c % conv.out_channels for c in channels]
+    score = _LinearScore(conv, rows, channels)
+    ours = score(x)
+    full = conv(x)[rows, channels].flatten(1).mean(dim=1)
+    assert ours.shape == full.shape and torch.allclose(ours, full, atol=1e-5)
+    weights = torch.arange(1.0, len(rows) + 1)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), [x])
+    (g_full,) = torch.autograd.grad((full * weights).sum(), [x])
+    assert torch.allclose(g_ours, g_full, atol=1e-5)
+    again = score(x.detach().contiguous(memory_format=torch.channels_last) * 2)  # same shape: the form is kept
+    assert torch.allclose(again, conv(x.detach() * 2)[rows, channels].flatten(1).mean(dim=1), atol=1e-5)
+
+
 def test_the_last_conv_shortcut_optimizes_what_the_full_layer_would():
     """A Conv2d subclass with its own forward is run as it is (no shortcut); with the same weights the images agree."""
 

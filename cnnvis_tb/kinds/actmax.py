@@ -25,7 +25,7 @@ from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
 
 __all__ = [
     "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
-    "DEFAULT_STEPS", "DEFAULT_LR",
+    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR",
 ]
 
 # Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
@@ -134,8 +134,8 @@ def channel_scores(
     """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``.
 
     ``acts[layer]`` is the layer's output for the whole batch ``[K, C, ...]``; for the layers in ``per_target``,
-    computed one channel per image (:func:`conv_target_channels`), it is ``[K_layer, ...]``: row ``j`` is the
-    ``j``-th target of that layer in ``targets`` order.
+    scored one target per image (:func:`conv_mean_as_linear`), it is ``[K_layer, ...]`` (already the scores when
+    1-D): row ``j`` is the ``j``-th target of that layer in ``targets`` order.
     """
     scores = [None] * len(targets)
     by_layer: dict[str, list[int]] = {}
@@ -170,8 +170,7 @@ def conv_target_channels(conv: nn.Conv2d, inputs: torch.Tensor, images: Sequence
     every ``j``: ``[J, H_out, W_out]``, the same values as ``conv(inputs)[images, channels]``.
 
     One grouped convolution with one group per target computes only those J maps, instead of every output
-    channel of every image: the deepest layer of an activation-maximization batch costs 1/C_out of its full
-    forward and backward pass.
+    channel of every image (:func:`conv_mean_as_linear` uses it once to find each target's linear form).
     """
     index = torch.as_tensor(list(images), device=inputs.device)
     chans = torch.as_tensor(list(channels), device=inputs.device)
@@ -187,6 +186,45 @@ def conv_target_channels(conv: nn.Conv2d, inputs: torch.Tensor, images: Sequence
     out = F.conv2d(x.reshape(1, j * per_group_in, *x.shape[-2:]), conv.weight[chans], bias,
                    conv.stride, conv.padding, conv.dilation, groups=j)
     return out[0]
+
+
+def conv_mean_as_linear(conv: nn.Conv2d, input_shape: Sequence[int], channels: Sequence[int], *, device=None,
+                        dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spatial mean of output channel ``channels[j]`` of ``conv`` as a linear function of one input image.
+
+    A convolution is affine in its input, and so is the mean of an output channel over all positions: for an input
+    ``x`` of ``input_shape[1:]``, ``conv(x)[channels[j]].mean() == (x * weights[j]).sum() + offsets[j]``. Returns
+    ``(weights [J, *input_shape[1:]], offsets [J])``, found once by differentiating the channel means at a zero
+    input, so that an activation-maximization step scores its deepest convolution with one product and sum
+    instead of running it (forward and backward), whatever its stride, padding, dilation and groups.
+    """
+    j = len(channels)
+    x = torch.zeros((j, *input_shape[1:]), device=device, dtype=dtype, requires_grad=True)
+    means = conv_target_channels(conv, x, range(j), channels).flatten(1).mean(dim=1)
+    (weights,) = torch.autograd.grad(means.sum(), [x])
+    return weights, means.detach()
+
+
+class _LinearScore:
+    """Scores targets ``rows`` of a batch at a plain convolution from the convolution's input (conv_mean_as_linear)."""
+
+    def __init__(self, conv: nn.Conv2d, rows: Sequence[int], channels: Sequence[int]):
+        self.conv, self.channels = conv, list(channels)
+        rows = list(rows)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+        self.pick = slice(rows[0], rows[0] + len(rows)) if rows and contiguous else rows
+        self.key = None
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs[self.pick]
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key != self.key:  # once per optimization: the input size is the same at every step
+            self.key = key
+            self.weights, self.offsets = conv_mean_as_linear(self.conv, x.shape, self.channels, device=x.device,
+                                                             dtype=x.dtype)
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                self.weights = self.weights.contiguous(memory_format=torch.channels_last)
+        return (x * self.weights).flatten(1).sum(dim=1) + self.offsets
 
 
 def optimize_channels(
@@ -216,13 +254,14 @@ def optimize_channels(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     m = torch.zeros_like(param.param)
     v = torch.zeros_like(param.param)
-    # The deepest layer, when it is a plain convolution, is not run: the forward pass stops at its input and
-    # only the target channel of each image is computed from it (conv_target_channels).
+    # The deepest layer, when it is a plain convolution, is not run: the forward pass stops at its input, and the
+    # mean of each image's target channel is a fixed linear function of that input (conv_mean_as_linear).
     last = modules.get(stop_after) if stop_after is not None else None
     shortcut = _is_plain_conv(last)
     hooked = {n: mod for n, mod in modules.items() if not (shortcut and n == stop_after)}
-    rows = [k for k, (layer, _) in enumerate(targets) if layer == stop_after]
-    row_channels = [targets[k][1] for k in rows]
+    if shortcut:
+        rows = [k for k, (layer, _) in enumerate(targets) if layer == stop_after]
+        linear_score = _LinearScore(last, rows, [targets[k][1] for k in rows])
     # On the CPU, oneDNN convolutions of a batch run several times faster on channels-last input (measured:
     # 16 x 32 px through the demo CNN's convolutions, forward and input gradient, 1.5-4x); the layers follow
     # the input's layout. Only our input tensor changes layout; the model's parameters are not touched.
@@ -236,7 +275,7 @@ def optimize_channels(
                 {stop_after: last} if shortcut else None)) as acts:
             net(x)
         if shortcut:
-            acts[stop_after] = conv_target_channels(last, acts.pop(f"{stop_after}:input"), rows, row_channels)
+            acts[stop_after] = linear_score(acts.pop(f"{stop_after}:input"))
         objective = channel_scores(acts, targets, per_target=(stop_after,) if shortcut else ()).sum()
         penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
         loss = -objective + penalty * len(targets)
