@@ -6,6 +6,10 @@ activation maximization by default:
 * speed: K = 16 channels of the deepest such layer optimized as ONE batch
   (``activation_maximization(model, layer, channels, 32)``, default steps) vs the same 16 channels optimized one
   at a time (16 calls, same steps and size), interleaved round by round; ratio of the medians of the pairs;
+* where that ratio comes from, per optimization step: the model's part (forward pass to the layer's input and
+  the gradient with respect to the images, in the layouts actmax uses) timed apart for 1 and for 16 images,
+  actmax's own work (the rest of the measured step) for 1 and for 16 images, and the own work of the batch an
+  8x speed-up would allow: ``16 (model_1 + own_1) / 8 - model_16``;
 * quality: for each layer, the fraction of 16 channels whose synthesized image excites the channel more
   than every one of 64 held-out ``ShapesDataset`` images does (objective: the channel's spatial mean
   activation at that layer, model in eval mode, no augmentation);
@@ -22,6 +26,7 @@ from __future__ import annotations
 import io
 import statistics
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ from torch import nn
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
 from cnnvis_tb.demo import MEAN, STD
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.safety import capture, preserved
 
 K = 16
 STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
@@ -81,6 +87,38 @@ def speed(model: nn.Module, layer: str, channels: list[int], rounds: int) -> tup
               unit="×"),
     ]
     return rows, fns["batch"]()
+
+
+def model_part(model: nn.Module, layer: str, images: int) -> Callable[[], object]:
+    """The model's part of one actmax step for ``images`` images: forward to ``layer``'s input, input gradient."""
+    module = dict(model.named_modules())[layer]
+    layout = torch.channels_last if images > 1 else torch.contiguous_format  # as optimize_channels chooses
+    x0 = torch.rand(images, 3, SIZE, SIZE).contiguous(memory_format=layout)
+
+    def run() -> None:
+        x = x0.clone().requires_grad_(True)
+        with capture({}, for_grad=True, stop_before={layer: module}) as acts:
+            model(x)
+        torch.autograd.grad(acts[f"{layer}:input"].sum(), [x])
+
+    return run
+
+
+def ceiling(model: nn.Module, layer: str, batch_ms: float, single_ms: float, rounds: int) -> list[Row]:
+    """How the batching speed-up splits into the model's part and actmax's own work, per optimization step."""
+    one, batch = model_part(model, layer, 1), model_part(model, layer, K)
+    with preserved(model):
+        times = interleaved({"one": lambda: [one() for _ in range(K)], "batch": batch}, rounds=rounds)
+    model_16, model_1 = statistics.median(times["batch"]) * 1e3, statistics.median(times["one"]) * 1e3 / K
+    own_16 = batch_ms / STEPS - model_16  # actmax's own work per step: parametrization, augmentation, penalties, Adam
+    own_1 = single_ms / K / STEPS - model_1
+    allowed = K * (model_1 + own_1) / 8 - model_16  # own work per step of the batch at which the speed-up is 8x
+    return [
+        info(f"model's part of an actmax step (forward to {layer}'s input + image gradient): 1 image / 16 images "
+             f"({K * model_1 / model_16:.1f}× from batching)", f"{model_1:.2f} / {model_16:.2f} ms"),
+        info("actmax's own work per step (everything else): 1 image / 16 images", f"{own_1:.2f} / {own_16:.2f} ms"),
+        info("own work per step of the 16-image batch that an 8× speed-up would allow", f"{allowed:.2f} ms"),
+    ]
 
 
 def quality(model: nn.Module, layer: str, channels: list[int], images: torch.Tensor,
@@ -165,6 +203,7 @@ def main(argv=None) -> list[Row]:
     print(f"speed at {layers[-1]} ...", flush=True)
     deepest = layers[-1]
     rows, images = speed(model, deepest, spread(widths[deepest], K), rounds=2 if args.quick else 5)
+    rows += ceiling(model, deepest, *(float(r.value.split()[0]) for r in rows[:2]), rounds=20 if args.quick else 60)
     synthesized = {deepest: images}
     for layer in layers:
         channels = spread(widths[layer], K)
