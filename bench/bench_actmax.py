@@ -9,7 +9,9 @@ activation maximization by default:
 * where that ratio comes from, per optimization step: the model's part (forward pass to the layer's input and
   the gradient with respect to the images, in the layouts actmax uses) timed apart for 1 and for 16 images,
   actmax's own work (the rest of the measured step) for 1 and for 16 images, and the own work of the batch an
-  8x speed-up would allow: ``16 (model_1 + own_1) / 8 - model_16``;
+  8x speed-up would allow: ``16 (model_1 + own_1) / 8 - model_16``. The batch holds one image's own work and
+  more, so ``16 (model_1 + own_1) / (model_16 + own_1)`` bounds the speed-up on this machine (printed as the
+  ceiling);
 * quality: for each layer, the fraction of 16 channels whose synthesized image excites the channel more
   than every one of 64 held-out ``ShapesDataset`` images does (objective: the channel's spatial mean
   activation at that layer, model in eval mode, no augmentation);
@@ -118,6 +120,8 @@ def ceiling(model: nn.Module, layer: str, batch_ms: float, single_ms: float, rou
              f"({K * model_1 / model_16:.1f}× from batching)", f"{model_1:.2f} / {model_16:.2f} ms"),
         info("actmax's own work per step (everything else): 1 image / 16 images", f"{own_1:.2f} / {own_16:.2f} ms"),
         info("own work per step of the 16-image batch that an 8× speed-up would allow", f"{allowed:.2f} ms"),
+        info("ceiling of the speed-up: the batch's own work no more than one image's",
+             f"{K * (model_1 + own_1) / (model_16 + own_1):.1f}×"),
     ]
 
 
