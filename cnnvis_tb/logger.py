@@ -23,7 +23,7 @@ from cnnvis_tb.kinds.features import feature_panels
 from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
 from cnnvis_tb.kinds.histograms import log_histograms
 from cnnvis_tb.kinds.kernels import render_kernels
-from cnnvis_tb.kinds.saliency import saliency_from_gradients
+from cnnvis_tb.kinds.saliency import check_guided, input_gradients, saliency_from_gradients
 from cnnvis_tb.layers import (
     LayerTrace,
     conv_layers,
@@ -77,6 +77,7 @@ class _ProbePass:
     cam_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # in the graph
     feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # detached copies
     grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # target -> layer/"input" -> grad
+    saliency_grads: dict[str, torch.Tensor] | None = None  # saliency method -> input gradients
 
 
 class VisLogger:
@@ -107,6 +108,9 @@ class VisLogger:
             costliest kind (``log_now(0, kinds=["actmax"])`` logs it there if you want it).
         kinds: which kinds to log; default ``("kernels", "features", "gradcam", "actmax", "histograms")``;
             ``"saliency"`` is available too.
+        saliency_methods: the saliency maps shown side by side: any of ``"vanilla"`` (input gradient, from the
+            shared forward pass), ``"smoothgrad"`` (16 noisy copies per image: about 16 more forward and backward
+            passes over the probe) and ``"guided"`` (guided backpropagation: one more pass; needs ReLUs).
         strict: raise when a visual fails instead of warning once and going on (tests use it).
         probe_size: how many samples to take from a Dataset/DataLoader probe.
         top_k: feature channels shown per probe image (the most active ones).
@@ -142,6 +146,7 @@ class VisLogger:
         actmax_background: bool = False,
         max_kernels: int = 64,
         output_selector: Callable[[object], torch.Tensor] | None = None,
+        saliency_methods: str | Sequence[str] = "vanilla",
         seed: int = 0,
     ) -> None:
         self._net = unwrap_model(model)
@@ -150,7 +155,7 @@ class VisLogger:
         options = check_options(
             probe=probe, probe_labels=probe_labels, mean=mean, std=std, class_names=class_names, every=every,
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
-            actmax_channels=actmax_channels, output_selector=output_selector,
+            actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
         )
         self.strict = bool(strict)
         self.kinds, self._schedule = options.kinds, options.schedule
@@ -158,6 +163,7 @@ class VisLogger:
         self.every = dict(self._schedule)
         self.top_k, self.max_kernels, self.output_selector = top_k, max_kernels, output_selector
         self._actmax_config = ActMaxConfig(steps=actmax_steps, seed=seed)
+        self.saliency_methods, self.seed = options.saliency_methods, seed
         self.actmax_background = bool(actmax_background)
 
         convs = conv_layers(self._net)
@@ -187,6 +193,9 @@ class VisLogger:
                     f"class_names has {len(class_names)} names but the model outputs {num_classes} classes"
                 )
         self.class_names = class_names
+        if "guided" in self.saliency_methods:
+            with preserved(self._net), torch.no_grad():
+                check_guided(self._net, self._probe_tensor()[:1], self.output_selector)
         self.layers = self._choose_layers(layers)
         self._actmax_targets = self._choose_actmax_channels(actmax_channels)
 
@@ -421,6 +430,8 @@ class VisLogger:
             if any(k in _PROBE_KINDS for k in kinds):
                 record = self._guarded("probe", step, lambda: self._probe_pass(kinds))
                 shown = denormalize(self.probe.images, self.mean, self.std)
+                if record is not None and "saliency" in kinds:  # network work: with every thread
+                    self._guarded("saliency", step, lambda: self._saliency_gradients(record))
             for kind in kinds:
                 log = getattr(self, f"_log_{kind}")
                 if kind == "actmax":  # the one kind doing real network work here: keep every thread
@@ -454,7 +465,7 @@ class VisLogger:
 
     def _probe_pass(self, kinds: tuple[str, ...]) -> _ProbePass:
         """One forward over the probe serving features, Grad-CAM (every layer, both targets) and saliency."""
-        want_cam, want_sal = "gradcam" in kinds, "saliency" in kinds
+        want_cam, want_sal = "gradcam" in kinds, "saliency" in kinds and "vanilla" in self.saliency_methods
         x = self._probe_tensor().detach()
         if want_sal:
             x = x.clone().requires_grad_(True)
@@ -528,13 +539,37 @@ class VisLogger:
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
                 self._pictures.add(tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
 
+    def _saliency_target(self) -> str:
+        return "true" if self.probe.labels is not None else "pred"
+
+    def _saliency_gradients(self, record: _ProbePass) -> None:
+        """Input gradients of every saliency method for the true (else predicted) class of each probe image."""
+        key = self._saliency_target()
+        targets = self._targets(record.scores)[key]
+        grads = {}
+        for method in self.saliency_methods:
+            if method == "vanilla":  # from the shared forward pass
+                grads[method] = record.grads[key]["input"]
+            else:
+                grads[method], _ = input_gradients(self._net, record.inputs.detach(), targets, method, seed=self.seed,
+                                                   output_selector=self.output_selector)
+        record.saliency_grads = grads
+
     def _log_saliency(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        key = "true" if "true" in record.grads else "pred"
-        maps = saliency_from_gradients(record.grads[key]["input"]).cpu()
+        if record.saliency_grads is None:  # computing them failed, and said so
+            return
+        key = self._saliency_target()
+        targets = self._targets(record.scores)[key].cpu()
+        labels = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided backprop"}
+        panel = 96
+        columns = [(fit(colorize(saliency_from_gradients(record.saliency_grads[m]).cpu(), "inferno"), panel, panel),
+                    labels[m]) for m in self.saliency_methods]
+        inputs = fit(as_rgb(shown), panel, panel)
         for i in range(shown.shape[0]):
-            image = shown[i : i + 1]
-            tiles = torch.cat([as_rgb(image), colorize(maps[i : i + 1], "inferno")])
-            strip = make_grid(fit(tiles, 96, 112), ncol=2, padding=2)
+            target = f"{key}: {self._class_label(int(targets[i]))}"
+            panels = [caption(inputs[i], ["input", target])]
+            panels += [caption(maps[i], [label, target]) for maps, label in columns]
+            strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
             self._pictures.add(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
 
     def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 from cnnvis_tb.probe import Probe, load_probe
 from cnnvis_tb.schedule import build_schedule, check_kinds
 
-__all__ = ["CheckedOptions", "check_options", "positive_int"]
+__all__ = ["CheckedOptions", "check_options", "check_saliency_methods", "positive_int"]
 
 
 def positive_int(name: str, value: object) -> int:
@@ -32,6 +34,19 @@ def _norm(values, name: str, channels: int) -> tuple[float, ...] | None:
     return values
 
 
+def check_saliency_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
+    """One method name or several (in the given order, once each); unknown names raise with close matches."""
+    names = [methods] if isinstance(methods, str) else list(methods)
+    if not names:
+        raise ValueError(f"saliency_methods must name at least one of {', '.join(SALIENCY_METHODS)}")
+    for name in names:
+        if name not in SALIENCY_METHODS:
+            close = difflib.get_close_matches(str(name), SALIENCY_METHODS, n=2, cutoff=0.4)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"unknown saliency method {name!r}{hint}; expected some of {', '.join(SALIENCY_METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class CheckedOptions:
     """Validated, model-independent options."""
@@ -42,6 +57,7 @@ class CheckedOptions:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     class_names: list[str] | None
+    saliency_methods: tuple[str, ...]
 
 
 def check_options(
@@ -59,6 +75,7 @@ def check_options(
     actmax_steps: int = DEFAULT_STEPS,
     actmax_channels: int | Mapping[str, Sequence[int]] = 8,
     output_selector: Callable[[object], torch.Tensor] | None = None,
+    saliency_methods: str | Iterable[str] = "vanilla",
 ) -> CheckedOptions:
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     checked_kinds = check_kinds(kinds)
@@ -72,6 +89,7 @@ def check_options(
         raise TypeError(f"output_selector must be callable (output -> scores [N, classes]), got {output_selector!r}")
     if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
         raise TypeError(f"class_names must be a sequence of names, one per class, got {type(class_names).__name__}")
+    methods = check_saliency_methods(saliency_methods)
     checked_probe = load_probe(probe, probe_labels, max_images=probe_size)
     channels = checked_probe.images.shape[1]
     return CheckedOptions(
@@ -81,4 +99,5 @@ def check_options(
         mean=_norm(mean, "mean", channels),
         std=_norm(std, "std", channels),
         class_names=None if class_names is None else [str(c) for c in class_names],
+        saliency_methods=methods,
     )

@@ -187,6 +187,7 @@ def test_a_module_without_forward_gets_a_clear_message(tmp_path):
         ({"top_k": 0}, ValueError, "top_k must be a positive int"),
         ({"class_names": "abcd"}, TypeError, "class_names must be a sequence"),
         ({"log_dir": 3}, TypeError, "log_dir must be a folder path"),
+        ({"saliency_methods": ["guided", "smoth"]}, ValueError, "unknown saliency method 'smoth'.*'smoothgrad'"),
     ],
 )
 def test_arguments_are_checked_before_training(options, error, match):

@@ -273,3 +273,43 @@ def test_schedule_starts_activation_maximization_at_its_interval(tmp_path):
     acc = read_events(tmp_path / "every")
     assert [e.step for e in acc.Images("cnnvis/actmax/" + vis.layers["actmax"][0] + "/channels")] == [3, 6, 7]
     assert logged == [0, 3, 6]  # kernels at 0 (every 100), actmax at 3 and 6
+
+
+def test_saliency_methods_side_by_side_equal_the_functional_maps(tmp_path):
+    """The saliency strip: input, then one map per method, each the functional API's map of the true class."""
+    from cnnvis_tb import saliency
+    from cnnvis_tb.render import colorize, fit, to_uint8
+
+    methods = ("guided", "vanilla", "smoothgrad")
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    probe, _ = make_batch(2, n=4)
+    with torch.no_grad():
+        labels = (model(probe).argmax(dim=1) + 1) % 4  # true classes that are not the predicted ones
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["saliency"], saliency_methods=methods,
+                   seed=3, strict=True) as vis:
+        vis.log_now(5)
+    acc = read_events(tmp_path)
+    pixels = image_at(acc, "cnnvis/saliency/input/probe_001", step=5)
+    assert pixels.shape[1] == 2 + 4 * (96 + 2)  # input and three maps, 96 px each, 2 px apart
+    for column, method in enumerate(methods, start=1):
+        maps = saliency(model, probe, labels, method=method, seed=3)
+        expected = to_uint8(fit(colorize(maps[1:2], "inferno"), 96, 96)[0]).permute(1, 2, 0).numpy()
+        left = 2 + column * (96 + 2)
+        shown = pixels[2 : 2 + 96, left : left + 96]
+        assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1, method
+    # the three maps differ from one another: they are not one map drawn three times
+    panels = [pixels[2:98, 2 + c * 98 : 98 + c * 98].astype(int) for c in (1, 2, 3)]
+    assert all(np.abs(a - b).mean() > 3 for i, a in enumerate(panels) for b in panels[i + 1 :])
+
+
+def test_saliency_method_errors_are_raised_in_the_constructor(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown saliency method 'smooth' \\(did you mean 'smoothgrad'\\?\\)"):
+        _logger(tmp_path, kinds=["saliency"], saliency_methods=["vanilla", "smooth"])
+    no_relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="guided backpropagation needs ReLU activations"):
+        _logger(tmp_path, model=no_relu, kinds=["saliency"], saliency_methods="guided")
+    with pytest.raises(ValueError, match="saliency_methods must name at least one"):
+        _logger(tmp_path, kinds=["saliency"], saliency_methods=[])

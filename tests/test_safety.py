@@ -26,7 +26,8 @@ def _train(log_dir=None, *, call_between=False):
     vis = None
     if log_dir is not None:
         vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS,
-                        strict=True, actmax_steps=2, actmax_channels=2)
+                        strict=True, actmax_steps=2, actmax_channels=2,
+                        saliency_methods=("vanilla", "smoothgrad", "guided"))
     for step in range(STEPS):
         x, y = make_batch(step)
         loss = nn.functional.cross_entropy(model(x), y)

@@ -26,7 +26,7 @@ from cnnvis_tb.kinds.gradcam import normalize_maps, resolve_targets
 from cnnvis_tb.layers import select_output, unwrap_model
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["saliency", "saliency_from_gradients", "input_gradients", "SALIENCY_METHODS", "MAX_BATCH"]
+__all__ = ["saliency", "saliency_from_gradients", "input_gradients", "check_guided", "SALIENCY_METHODS", "MAX_BATCH"]
 
 SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided")
 #: Images per forward pass of SmoothGrad (noisy copies of several probe images share a batch).
@@ -71,6 +71,19 @@ class _GuidedReLUs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_NO_RELU = ("guided backpropagation needs ReLU activations (nn.ReLU, F.relu, torch.relu); none ran in the model's "
+            "forward pass: use the 'vanilla' or 'smoothgrad' saliency method")
+
+
+def check_guided(net: nn.Module, images: torch.Tensor,
+                 output_selector: Callable[[object], torch.Tensor] | None = None) -> None:
+    """Raise ``ValueError`` when no ReLU runs in ``net``'s forward pass on ``images`` (guided backprop needs them)."""
+    with _GuidedReLUs() as mode:
+        select_output(net(images), output_selector)
+    if mode.count == 0:
+        raise ValueError(_NO_RELU)
+
+
 def input_gradients(
     net: nn.Module,
     images: torch.Tensor,
@@ -100,8 +113,7 @@ def input_gradients(
         with _GuidedReLUs() if method == "guided" else contextlib.nullcontext() as mode:
             scores = select_output(net(x), output_selector)
         if mode is not None and mode.count == 0:
-            raise ValueError("guided backpropagation needs ReLU activations (nn.ReLU, F.relu, torch.relu); "
-                             "none ran in the model's forward pass: use method='vanilla' or 'smoothgrad'")
+            raise ValueError(_NO_RELU)
         t = resolve_targets(targets, scores)
         (grad,) = torch.autograd.grad(scores.gather(1, t[:, None]).sum(), [x])
         return grad, t
