@@ -13,7 +13,8 @@
     training step, interleaved round by round: the demo model (8-image 32 px probe; unit: a batch-64 step)
     and ResNet-18 (8-image 224 px probe; unit: a batch-8 step). ResNet-18's activation maximization is too
     slow to repeat here: it is timed with 2 and 6 optimization steps and extrapolated linearly to the
-    logger's default steps (the cost of one optimization step is constant).
+    logger's default steps (the cost of one optimization step is constant). Saliency is timed with each
+    method: the default (vanilla, from the shared forward pass), guided backprop and SmoothGrad.
 
     python bench/bench_step.py [--quick]
 """
@@ -191,7 +192,7 @@ def kind_costs(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Ten
     images, labels = shapes_probe(probe_size, x.shape[-1])
     train_step = train_step_fn(model, x, y)
     train_step()  # so gradients exist (the histograms include them)
-    log_dirs = [tempfile.TemporaryDirectory(prefix="bench_kinds_") for _ in range(3)]
+    log_dirs = [tempfile.TemporaryDirectory(prefix="bench_kinds_") for _ in range(5)]
     common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, kinds=ALL_KINDS, strict=True)
     vis = VisLogger(model, log_dirs[0].name, **common)
     counter = iter(range(1, 1 << 30))
@@ -204,10 +205,14 @@ def kind_costs(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Ten
         short = {n: VisLogger(model, log_dirs[i].name, actmax_steps=n, **common) for i, n in ((1, 2), (2, 6))}
         for n, v in short.items():
             fns[f"actmax@{n}"] = lambda v=v: v.log_now(next(counter), kinds=["actmax"])
-    for v in (vis, *short.values()):
+    methods = {m: VisLogger(model, log_dirs[i].name, saliency_methods=m, **common)
+               for i, m in ((3, "guided"), (4, "smoothgrad"))}  # the saliency methods that cost passes of their own
+    for m, v in methods.items():
+        fns[f"saliency:{m}"] = lambda v=v: v.log_now(next(counter), kinds=["saliency"])
+    for v in (vis, *short.values(), *methods.values()):
         v.log_now(0, kinds=["kernels"])  # first-call costs (writer, layer table) out of the way
     times = interleaved(fns, rounds=rounds, warmup=0 if extrapolate_actmax else 1)
-    for v in (vis, *short.values()):
+    for v in (vis, *short.values(), *methods.values()):
         v.close()
     for d in log_dirs:
         d.cleanup()
@@ -216,12 +221,19 @@ def kind_costs(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Ten
         t2, t6 = times.pop("actmax@2"), times.pop("actmax@6")
         times["actmax"] = [a + (b - a) * (ACTMAX_STEPS - 2) / 4 for a, b in zip(t2, t6, strict=True)]
     rows = [info(f"{name}: one training step (batch {len(x)}), median", median_ms(times["train step"]))]
+    def per_train_step(key: str) -> float:
+        return statistics.median(t / u for t, u in zip(times[key], times["train step"], strict=True))
+
     for kind in ALL_KINDS:
-        ratio = statistics.median(t / u for t, u in zip(times[kind], times["train step"], strict=True))
+        ratio = per_train_step(kind)
         note = " (opt-in)" if kind == "saliency" else ""
         if kind == "actmax" and extrapolate_actmax:
             note = f" ({ACTMAX_STEPS} steps, extrapolated from 2 and 6)"
         rows.append(info(f"{name}: one '{kind}' logging step{note} / one training step", f"{ratio:.1f}×"))
+        if kind == "saliency":
+            for m in methods:
+                rows.append(info(f"{name}: one 'saliency' logging step, saliency_methods='{m}' / one training step",
+                                 f"{per_train_step(f'saliency:{m}'):.1f}×"))
     return rows
 
 
