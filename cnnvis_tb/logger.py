@@ -560,7 +560,7 @@ class VisLogger:
             return
         key = self._saliency_target()
         targets = self._targets(record.scores)[key].cpu()
-        labels = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided backprop"}
+        labels = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP"}
         panel = 96
         columns = [(fit(colorize(saliency_from_gradients(record.saliency_grads[m]).cpu(), "inferno"), panel, panel),
                     labels[m]) for m in self.saliency_methods]

@@ -24,6 +24,7 @@ from torchvision import transforms
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_KINDS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"visual kinds to log, among {', '.join(ALL_KINDS)} (default: {' '.join(DEFAULT_KINDS)})")
     p.add_argument("--actmax-steps", type=int, default=DEFAULT_STEPS,
                    help=f"gradient-ascent steps of each activation-maximization log (default: {DEFAULT_STEPS})")
+    p.add_argument("--saliency-methods", nargs="+", choices=SALIENCY_METHODS, default=["vanilla"], metavar="METHOD",
+                   help=f"saliency maps shown side by side when the saliency kind is logged, among "
+                        f"{', '.join(SALIENCY_METHODS)} (default: vanilla)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
@@ -175,6 +179,7 @@ def main(argv=None) -> float:
         mean=mean, std=std, class_names=classes,
         kinds=args.kinds, every=args.every or default_every(args.steps),
         actmax_steps=args.actmax_steps,
+        saliency_methods=args.saliency_methods,
     )
     start, step, recent = time.perf_counter(), 0, []
     while step < args.steps:

@@ -16,6 +16,7 @@ from torch import nn
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, ShapesDataset, SmallCNN
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kinds", nargs="+", default=None,
                    help="visual kinds to log (default: kernels features gradcam actmax histograms)")
     p.add_argument("--actmax-steps", type=int, default=DEFAULT_STEPS, help="gradient-ascent steps per actmax log")
+    p.add_argument("--saliency-methods", nargs="+", choices=SALIENCY_METHODS, default=["vanilla"], metavar="METHOD",
+                   help=f"saliency maps shown side by side when the saliency kind is logged, among "
+                        f"{', '.join(SALIENCY_METHODS)} (default: vanilla)")
     p.add_argument("--augment", action="store_true", help="random horizontal flips and shifts")
     p.add_argument("--no-vis", action="store_true", help="train without VisLogger (for comparisons)")
     return p.parse_args(argv)
@@ -68,6 +72,7 @@ def main(argv=None) -> float:
         probe=test, probe_size=8,            # the first 8 test images, with their labels
         mean=train.mean, std=train.std, class_names=CLASSES,
         every=args.every or default_every(args.steps), kinds=args.kinds, actmax_steps=args.actmax_steps,
+        saliency_methods=args.saliency_methods,
     )
     writer = vis.writer if vis else None
     start, step = time.perf_counter(), 0
