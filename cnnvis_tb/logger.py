@@ -430,13 +430,13 @@ class VisLogger:
             if any(k in _PROBE_KINDS for k in kinds):
                 record = self._guarded("probe", step, lambda: self._probe_pass(kinds))
                 shown = denormalize(self.probe.images, self.mean, self.std)
-                if record is not None and "saliency" in kinds:  # network work: with every thread
-                    self._guarded("saliency", step, lambda: self._saliency_gradients(record))
             for kind in kinds:
                 log = getattr(self, f"_log_{kind}")
                 if kind == "actmax":  # the one kind doing real network work here: keep every thread
                     self._guarded(kind, step, lambda log=log: log(step))
                     continue
+                if kind == "saliency" and record is not None:  # its network passes: with every thread
+                    self._saliency_gradients(step, record)
                 with single_threaded():  # the rest renders small pictures
                     if kind not in _PROBE_KINDS:
                         self._guarded(kind, step, lambda log=log: self._written(log, step))
@@ -542,28 +542,33 @@ class VisLogger:
     def _saliency_target(self) -> str:
         return "true" if self.probe.labels is not None else "pred"
 
-    def _saliency_gradients(self, record: _ProbePass) -> None:
-        """Input gradients of every saliency method for the true (else predicted) class of each probe image."""
+    def _saliency_gradients(self, step: int, record: _ProbePass) -> None:
+        """Input gradients of every saliency method for the true (else predicted) class of each probe image; a
+        method that fails warns once (or raises when strict) and the others are still shown."""
         key = self._saliency_target()
         targets = self._targets(record.scores)[key]
-        grads = {}
-        for method in self.saliency_methods:
+
+        def gradients(method: str) -> torch.Tensor:
             if method == "vanilla":  # from the shared forward pass
-                grads[method] = record.grads[key]["input"]
-            else:
-                grads[method], _ = input_gradients(self._net, record.inputs.detach(), targets, method, seed=self.seed,
-                                                   output_selector=self.output_selector)
-        record.saliency_grads = grads
+                return record.grads[key]["input"]
+            return input_gradients(self._net, record.inputs.detach(), targets, method, seed=self.seed,
+                                   batch_size=len(targets), output_selector=self.output_selector)[0]
+
+        record.saliency_grads = {}
+        for method in self.saliency_methods:
+            grads = self._guarded(f"saliency ({method})", step, lambda m=method: gradients(m))
+            if grads is not None:
+                record.saliency_grads[method] = grads
 
     def _log_saliency(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        if record.saliency_grads is None:  # computing them failed, and said so
+        if not record.saliency_grads:  # every method failed, and said so
             return
         key = self._saliency_target()
         targets = self._targets(record.scores)[key].cpu()
         labels = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP"}
         panel = 96
         columns = [(fit(colorize(saliency_from_gradients(record.saliency_grads[m]).cpu(), "inferno"), panel, panel),
-                    labels[m]) for m in self.saliency_methods]
+                    labels[m]) for m in record.saliency_grads]
         inputs = fit(as_rgb(shown), panel, panel)
         for i in range(shown.shape[0]):
             target = f"{key}: {self._class_label(int(targets[i]))}"

@@ -36,7 +36,15 @@ def _norm(values, name: str, channels: int) -> tuple[float, ...] | None:
 
 def check_saliency_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
     """One method name or several (in the given order, once each); unknown names raise with close matches."""
-    names = [methods] if isinstance(methods, str) else list(methods)
+    if isinstance(methods, str):
+        names = [methods]
+    elif isinstance(methods, (set, frozenset)):  # no order of its own: the documented one
+        names = sorted(methods, key=lambda m: (SALIENCY_METHODS.index(m) if m in SALIENCY_METHODS else -1, str(m)))
+    elif isinstance(methods, Iterable):
+        names = list(methods)
+    else:
+        raise TypeError(f"saliency_methods must be a method name or a list of them ({', '.join(SALIENCY_METHODS)}), "
+                        f"got {methods!r}")
     if not names:
         raise ValueError(f"saliency_methods must name at least one of {', '.join(SALIENCY_METHODS)}")
     for name in names:

@@ -131,6 +131,50 @@ def test_the_mean_of_a_conv_channel_as_a_linear_form_equals_the_conv(conv, rows)
     assert torch.allclose(again, conv(x.detach() * 2)[rows, channels].flatten(1).mean(dim=1), atol=1e-5)
 
 
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardization through _conv_forward: the stock forward, but not the stock convolution of .weight."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+def test_only_stock_convolutions_take_the_linear_shortcut():
+    from torch.nn.modules import module as module_globals
+
+    from cnnvis_tb.kinds.actmax import _is_plain_conv
+
+    assert _is_plain_conv(nn.Conv2d(3, 4, 3, padding=1))
+    assert not _is_plain_conv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    assert not _is_plain_conv(_StandardizedConv(3, 4, 3))
+    hooked = nn.Conv2d(3, 4, 3)
+    handle = hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert not _is_plain_conv(hooked)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    assert module_globals._global_forward_pre_hooks and not _is_plain_conv(hooked)
+    handle.remove()
+    assert _is_plain_conv(hooked) and not _is_plain_conv(nn.Linear(3, 4))
+
+
+def test_the_linear_form_is_found_once_and_again_when_the_input_changes(monkeypatch):
+    from cnnvis_tb.kinds import actmax
+
+    calls = []
+    real = actmax.conv_mean_as_linear
+    monkeypatch.setattr(actmax, "conv_mean_as_linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    score = actmax._LinearScore(conv, [0, 1], [2, 5])
+    for size in (8, 8, 8, 10):
+        x = torch.randn(2, 4, size, size)
+        assert torch.allclose(score(x), conv(x)[[0, 1], [2, 5]].mean(dim=(1, 2)), atol=1e-5)
+    assert [tuple(shape) for shape in calls] == [(2, 4, 8, 8), (2, 4, 10, 10)]
+    conv.double()  # the model moved to float64: the input's dtype changes, the form is found again
+    x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    assert torch.allclose(score(x), conv(x)[[0, 1], [2, 5]].mean(dim=(1, 2)), atol=1e-10)
+    assert len(calls) == 3 and score.weights.dtype == torch.float64
+
+
 def test_the_last_conv_shortcut_optimizes_what_the_full_layer_would():
     """A Conv2d subclass with its own forward is run as it is (no shortcut); with the same weights the images agree."""
 

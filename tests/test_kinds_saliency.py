@@ -112,27 +112,101 @@ def test_guided_backprop_reaches_relus_called_as_functions_and_methods():
     assert torch.allclose(input_gradients(model, x, labels, "vanilla")[0], _gradient(model, x, labels))
 
 
+class EveryReLUForm(nn.Module):
+    """The remaining ways to call a ReLU: torch.relu, torch.relu_, F.relu_, Tensor.relu_, and input= keywords."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1) for i in range(6))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        forms = [lambda h: torch.relu(h), lambda h: torch.relu_(h), lambda h: F.relu_(h), lambda h: h.relu_(),
+                 lambda h: F.relu(input=h), lambda h: torch.relu(input=h)]
+        for conv, form in zip(self.convs, forms, strict=True):
+            x = form(conv(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_guided_backprop_reaches_every_relu_form():
+    torch.manual_seed(0)
+    model = EveryReLUForm().eval()
+    x, labels = make_batch(8)
+
+    class Hand(nn.Module):
+        def forward(self, h):
+            for conv in model.convs:
+                h = _HandGuided.apply(conv(h))
+            return model.head(h.mean(dim=(2, 3)))
+
+    grads, _ = input_gradients(model, x, labels, "guided")
+    assert torch.allclose(grads, _gradient(Hand(), x, labels), atol=1e-6)
+
+
+def test_guided_relu_passes_back_zero_where_it_was_off_even_for_inf_gradients():
+    from cnnvis_tb.kinds.saliency import _GuidedReLU
+
+    x = torch.tensor([-1.0, 2.0, 3.0, -4.0], requires_grad=True)
+    (g,) = torch.autograd.grad(_GuidedReLU.apply(x), [x], torch.tensor([float("inf"), -1.0, 5.0, float("nan")]))
+    assert g.tolist() == [0.0, 0.0, 5.0, 0.0]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_guided_backprop_refuses_models_it_cannot_follow():
+    class SideEffect(TinyCNN):
+        def forward(self, x):  # uses the in-place ReLU's side effect, not its return value
+            x = self.stem[1](self.stem[0](x))
+            self.stem[2](x)
+            x = self.body(x)
+            return self.head(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    x, _ = make_batch(9, n=2)
+    with pytest.raises(ValueError, match="outputs change when its ReLUs are guided"):
+        saliency(SideEffect(), x, method="guided")
+    scripted = nn.Sequential(nn.Conv2d(3, 4, 3), torch.jit.script(nn.ReLU()), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"inside TorchScript modules \(1\)"):
+        saliency(scripted, x, method="guided")
+
+
 def test_guided_backprop_without_relus_names_the_problem():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="guided backpropagation needs ReLU activations"):
         saliency(model, torch.randn(2, 3, 8, 8), method="guided")
 
 
-def test_smoothgrad_averages_the_gradients_of_noisy_copies(tiny, monkeypatch):
+@pytest.mark.parametrize("batch_size", [None, 6, 4, 1], ids=["default", "whole-images", "split-copies", "one"])
+def test_smoothgrad_averages_the_gradients_of_noisy_copies(tiny, monkeypatch, batch_size):
     x, labels = make_batch(4, n=5)
     samples, noise, seed = 3, 0.2, 7
-    monkeypatch.setattr(saliency_module, "MAX_BATCH", 6)  # two images per batch: chunks of 2, 2, 1
-    grads, _ = input_gradients(tiny, x, labels, "smoothgrad", samples=samples, noise=noise, seed=seed)
+    monkeypatch.setattr(saliency_module, "MAX_BATCH", 9)  # the default: three images per pass
+    grads, _ = input_gradients(tiny, x, labels, "smoothgrad", samples=samples, noise=noise, seed=seed,
+                               batch_size=batch_size)
+    batch = batch_size or 9
     generator = torch.Generator().manual_seed(seed)
     spread = noise * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1))
-    expected = []
-    for start in range(0, 5, 2):  # the same draws, then one noisy copy at a time
-        part = slice(start, min(5, start + 2))
-        draws = torch.randn((x[part].shape[0], samples, *x.shape[1:]), generator=generator)
-        for i, image in zip(range(*part.indices(5)), x[part], strict=True):
-            copies = [_gradient(tiny, (image + d * spread[i])[None], labels[i : i + 1]) for d in draws[i - start]]
-            expected.append(torch.cat(copies).mean(dim=0))
-    assert torch.allclose(grads, torch.stack(expected), atol=1e-5)
+    pairs = [(i, copy) for i in range(5) for copy in range(samples)]  # (image, copy), image by image
+    draws = torch.cat([torch.randn((len(pairs[s : s + batch]), *x.shape[1:]), generator=generator)
+                       for s in range(0, len(pairs), batch)])  # drawn pass by pass
+    expected = torch.zeros_like(x)
+    for (i, _), d in zip(pairs, draws, strict=True):  # then one noisy copy at a time
+        expected[i] += _gradient(tiny, (x[i] + d * spread[i])[None], labels[i : i + 1])[0] / samples
+    assert torch.allclose(grads, expected, atol=1e-5)
+
+
+def test_smoothgrad_passes_hold_at_most_batch_size_images(tiny):
+    sizes = []
+    handle = tiny.stem.register_forward_pre_hook(lambda m, inputs: sizes.append(inputs[0].shape[0]))
+    x, labels = make_batch(4, n=5)
+    input_gradients(tiny, x, labels, "smoothgrad", samples=7, batch_size=4)
+    handle.remove()
+    assert sizes == [4] * 8 + [3]  # 35 noisy images; given targets need no clean pass
+    sizes.clear()
+    handle = tiny.stem.register_forward_pre_hook(lambda m, inputs: sizes.append(inputs[0].shape[0]))
+    input_gradients(tiny, x, None, "smoothgrad", samples=100)
+    handle.remove()
+    assert sizes == [5] + [64] * 7 + [52]  # the clean pass for the predicted classes, then 500 noisy images
 
 
 def test_smoothgrad_without_noise_is_vanilla_and_with_noise_is_not(tiny):

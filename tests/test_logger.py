@@ -313,3 +313,30 @@ def test_saliency_method_errors_are_raised_in_the_constructor(tmp_path):
         _logger(tmp_path, model=no_relu, kinds=["saliency"], saliency_methods="guided")
     with pytest.raises(ValueError, match="saliency_methods must name at least one"):
         _logger(tmp_path, kinds=["saliency"], saliency_methods=[])
+
+
+def test_a_failing_saliency_method_leaves_the_others_and_warns_once(tmp_path, monkeypatch):
+    import pytest
+
+    from cnnvis_tb import logger as logger_module
+
+    real = logger_module.input_gradients
+
+    def flaky(net, images, targets, method, **kwargs):
+        if method == "guided":
+            raise RuntimeError("out of memory (simulated)")
+        return real(net, images, targets, method, **kwargs)
+
+    monkeypatch.setattr(logger_module, "input_gradients", flaky)
+    with _logger(tmp_path, kinds=["saliency", "histograms"], saliency_methods=("vanilla", "guided", "smoothgrad"),
+                 strict=False) as vis:
+        with pytest.warns(RuntimeWarning, match=r"the saliency \(guided\) visual failed at step 0.*simulated") as rec:
+            vis.log_now(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same failure does not warn again
+            vis.log_now(1)
+    assert sum("saliency (guided)" in str(w.message) for w in rec) == 1
+    acc = read_events(tmp_path)
+    pixels = image_at(acc, "cnnvis/saliency/input/probe_000", step=1)
+    assert pixels.shape[1] == 2 + 3 * (96 + 2)  # input, gradient, SmoothGrad
+    assert "cnnvis/histograms/stem.0/weight" in acc.Tags()["histograms"]

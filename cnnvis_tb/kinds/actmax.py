@@ -156,11 +156,18 @@ def channel_scores(
 
 
 def _is_plain_conv(module: nn.Module | None) -> bool:
-    """An ``nn.Conv2d`` whose forward is the stock one (zero padding): its output channels can be computed apart."""
+    """An ``nn.Conv2d`` computing the stock convolution of its ``weight`` (zero padding, no overridden forward or
+    ``_conv_forward``, no forward hooks of its own or global ones that could change its input or output): its
+    output channels can be computed apart, from its input."""
+    from torch.nn.modules import module as module_globals
+
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
+        and type(module)._conv_forward is nn.Conv2d._conv_forward
         and module.padding_mode == "zeros"
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
     )
 
 
@@ -196,7 +203,7 @@ def conv_mean_as_linear(conv: nn.Conv2d, input_shape: Sequence[int], channels: S
     ``x`` of ``input_shape[1:]``, ``conv(x)[channels[j]].mean() == (x * weights[j]).sum() + offsets[j]``. Returns
     ``(weights [J, *input_shape[1:]], offsets [J])``, found once by differentiating the channel means at a zero
     input, so that an activation-maximization step scores its deepest convolution with one product and sum
-    instead of running it (forward and backward), whatever its stride, padding, dilation and groups.
+    instead of running it (forward and backward), whatever its stride, zero padding, dilation and groups.
     """
     j = len(channels)
     x = torch.zeros((j, *input_shape[1:]), device=device, dtype=dtype, requires_grad=True)

@@ -3,8 +3,9 @@
 Three methods, each giving ``[N, H, W]`` maps in ``[0, 1]`` (max over colour channels of the gradient's magnitude):
 
 * ``"vanilla"``: the gradient of the class score with respect to the input (Simonyan et al., 2014);
-* ``"smoothgrad"``: the gradient averaged over noisy copies of each image (Smilkov et al., 2017), all copies of all
-  images in one batch (in chunks of at most ``MAX_BATCH`` images); noise from our own ``torch.Generator``;
+* ``"smoothgrad"``: the gradient averaged over noisy copies of each image (Smilkov et al., 2017), the copies of all
+  images batched together, at most ``batch_size`` (default ``MAX_BATCH``) per pass; noise from our own
+  ``torch.Generator``;
 * ``"guided"``: guided backpropagation (Springenberg et al., 2015): every ReLU passes back only positive gradients,
   and only where its input was positive. The model is not changed: for the one forward pass, a torch-function mode
   (thread-local) swaps each ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu`` and their in-place forms) for a
@@ -26,10 +27,10 @@ from cnnvis_tb.kinds.gradcam import normalize_maps, resolve_targets
 from cnnvis_tb.layers import select_output, unwrap_model
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["saliency", "saliency_from_gradients", "input_gradients", "check_guided", "SALIENCY_METHODS", "MAX_BATCH"]
+__all__ = ["saliency", "saliency_from_gradients", "SALIENCY_METHODS", "MAX_BATCH"]
 
 SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided")
-#: Images per forward pass of SmoothGrad (noisy copies of several probe images share a batch).
+#: Noisy images per forward pass of SmoothGrad by default (copies of several images share a pass).
 MAX_BATCH = 64
 
 
@@ -50,7 +51,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (out > 0).to(grad.dtype)
+        return torch.where(out > 0, grad.clamp_min(0), torch.zeros_like(grad))
 
 
 _RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
@@ -77,11 +78,34 @@ _NO_RELU = ("guided backpropagation needs ReLU activations (nn.ReLU, F.relu, tor
 
 def check_guided(net: nn.Module, images: torch.Tensor,
                  output_selector: Callable[[object], torch.Tensor] | None = None) -> None:
-    """Raise ``ValueError`` when no ReLU runs in ``net``'s forward pass on ``images`` (guided backprop needs them)."""
-    with _GuidedReLUs() as mode:
-        select_output(net(images), output_selector)
+    """Raise ``ValueError`` when guided backpropagation cannot be trusted on ``net``: no ReLU runs in its forward
+    pass on ``images``; ReLUs sit inside TorchScript modules or run outside this thread (so they would not be
+    guided); or the outputs change when the ReLUs are guided (the model relies on an in-place ReLU writing into its
+    input). ``net`` must be in eval mode with its state preserved by the caller."""
+    scripted = [name or type(net).__name__ for name, m in net.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise ValueError(f"guided backpropagation cannot reach ReLUs inside TorchScript modules "
+                         f"({', '.join(scripted)}); use the 'vanilla' or 'smoothgrad' saliency method")
+    module_calls = []
+    handles = [m.register_forward_hook(lambda *_: module_calls.append(1)) for m in net.modules()
+               if isinstance(m, nn.ReLU)]
+    try:
+        with _GuidedReLUs() as mode:
+            guided = select_output(net(images), output_selector)
+    finally:
+        for handle in handles:
+            handle.remove()
     if mode.count == 0:
         raise ValueError(_NO_RELU)
+    if len(module_calls) > mode.count:
+        raise ValueError(f"only {mode.count} of the model's {len(module_calls)} ReLU calls ran in the guided pass (the "
+                         "others ran in other threads, e.g. a DataParallel inside the model); guided backpropagation "
+                         "would be partial: use the 'vanilla' or 'smoothgrad' saliency method")
+    plain = select_output(net(images), output_selector)
+    if not torch.allclose(guided.float(), plain.float(), rtol=1e-4, atol=1e-5):
+        raise ValueError("the model's outputs change when its ReLUs are guided: it relies on an in-place ReLU writing "
+                         "into its input (like `self.relu(x); return x`), which guided backpropagation cannot follow; "
+                         "use the ReLU's return value, or the 'vanilla' or 'smoothgrad' saliency method")
 
 
 def input_gradients(
@@ -93,12 +117,15 @@ def input_gradients(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
+    batch_size: int | None = None,
     output_selector: Callable[[object], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``[N, C, H, W]`` of each image's target class score w.r.t. the image, by ``method``, and the
     targets used ``[N]`` (None: each image's predicted class, from the clean images).
 
     ``net`` must be unwrapped, in eval mode, with its state preserved by the caller, and ``images`` on its device.
+    SmoothGrad runs at most ``batch_size`` noisy images per pass (default :data:`MAX_BATCH`); the same seed and
+    batch size give the same maps.
     """
     if method not in SALIENCY_METHODS:
         raise ValueError(f"unknown saliency method {method!r}: use one of {', '.join(SALIENCY_METHODS)}")
@@ -107,6 +134,9 @@ def input_gradients(
             raise ValueError(f"samples must be a positive int (noisy copies per image), got {samples!r}")
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0 (a fraction of each image's value range), got {noise!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int (noisy images per pass), got {batch_size!r}")
     x = images.detach()
     if method in ("vanilla", "guided"):
         x = x.clone().requires_grad_(True)
@@ -117,24 +147,27 @@ def input_gradients(
         t = resolve_targets(targets, scores)
         (grad,) = torch.autograd.grad(scores.gather(1, t[:, None]).sum(), [x])
         return grad, t
-    # SmoothGrad: the targets from the clean images, then noisy copies of every image, several images per batch.
+    # SmoothGrad: noisy copies of every image, at most `batch_size` (image, copy) pairs per pass; a pass may hold
+    # copies of several images, and one image's copies may span passes. Noise is drawn pass by pass.
     n = x.shape[0]
-    with torch.no_grad():
-        t = resolve_targets(targets, select_output(net(x), output_selector))
+    t = None
+    if targets is None:  # each image's predicted class, from the clean image
+        with torch.no_grad():
+            t = resolve_targets(None, select_output(net(x), output_selector))
     spread = noise * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1))  # per image
     generator = torch.Generator(device=x.device).manual_seed(seed)
     total = torch.zeros_like(x, dtype=torch.float32)
-    per_batch = max(1, MAX_BATCH // samples)  # whole images per chunk, so each image's copies share a batch
-    for start in range(0, n, per_batch):
-        part = slice(start, min(n, start + per_batch))
-        clean, k = x[part], x[part].shape[0]
-        draws = torch.randn((k, samples, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-        noisy = (clean[:, None] + draws * spread[part].view(k, 1, 1, 1, 1)).flatten(0, 1).requires_grad_(True)
+    batch = MAX_BATCH if batch_size is None else batch_size
+    for start in range(0, n * samples, batch):
+        owner = torch.arange(start, min(n * samples, start + batch), device=x.device) // samples  # image of each copy
+        draws = torch.randn((len(owner), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+        noisy = (x[owner] + draws * spread[owner].view(-1, 1, 1, 1)).requires_grad_(True)
         scores = select_output(net(noisy), output_selector)
-        picked = scores.gather(1, t[part].repeat_interleave(samples)[:, None])
-        (grad,) = torch.autograd.grad(picked.sum(), [noisy])
-        total[part] = grad.view(k, samples, *x.shape[1:]).float().mean(dim=1)
-    return total, t
+        if t is None:  # given targets: checked against the class count of the first pass
+            t = resolve_targets(targets, scores.new_empty((n, scores.shape[1])))
+        (grad,) = torch.autograd.grad(scores.gather(1, t[owner][:, None]).sum(), [noisy])
+        total.index_add_(0, owner, grad.float())
+    return total / samples, t
 
 
 def saliency(
@@ -146,6 +179,7 @@ def saliency(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
+    batch_size: int | None = None,
     output_selector: Callable[[object], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Saliency maps ``[N, H, W]`` in ``[0, 1]`` for the target classes (None: each image's predicted class).
@@ -154,6 +188,7 @@ def saliency(
         method: ``"vanilla"`` (input gradient), ``"smoothgrad"`` (gradient averaged over ``samples`` noisy copies,
             noise std ``noise`` × the image's value range, drawn from a generator seeded with ``seed``) or
             ``"guided"`` (guided backpropagation through the model's ReLUs).
+        batch_size: SmoothGrad's noisy images per forward pass (default :data:`MAX_BATCH`): the memory bound.
 
     Gradients are taken with ``torch.autograd.grad`` with respect to copies of ``images``; the model is left as it was.
     """
@@ -162,6 +197,8 @@ def saliency(
     net = unwrap_model(model)
     with preserved(net):
         x = images.detach().to(device=model_device(net), dtype=model_dtype(net))
+        if method == "guided":
+            check_guided(net, x[:1], output_selector)
         grad, _ = input_gradients(net, x, targets, method, samples=samples, noise=noise, seed=seed,
-                                  output_selector=output_selector)
+                                  batch_size=batch_size, output_selector=output_selector)
     return saliency_from_gradients(grad)
