@@ -82,13 +82,17 @@ def test_grayscale_and_errors():
         activation_maximization(model, "stem.0", [0], 10, image_channels=1, steps=0)
 
 
-@pytest.mark.parametrize("conv", [
+CONVS = [
     nn.Conv2d(6, 8, 3, padding=1),
     nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
     nn.Conv2d(6, 8, 3, padding="same", dilation=2),
     nn.Conv2d(6, 8, 1, groups=2),
     nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
-], ids=["plain", "strided", "dilated-same", "grouped", "depthwise"])
+]
+CONV_IDS = ["plain", "strided", "dilated-same", "grouped", "depthwise"]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=CONV_IDS)
 def test_target_channels_of_a_conv_equal_its_full_output_and_gradient(conv):
     from cnnvis_tb.kinds.actmax import conv_target_channels
 
@@ -103,13 +107,7 @@ def test_target_channels_of_a_conv_equal_its_full_output_and_gradient(conv):
     assert torch.allclose(g_ours, g_full, atol=1e-4)
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(6, 8, 3, padding=1),
-    nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
-    nn.Conv2d(6, 8, 3, padding="same", dilation=2),
-    nn.Conv2d(6, 8, 1, groups=2),
-    nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
-], ids=["plain", "strided", "dilated-same", "grouped", "depthwise"])
+@pytest.mark.parametrize("conv", CONVS, ids=CONV_IDS)
 @pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [1, 2], [0, 3, 4]], ids=["all", "slice", "picked"])
 def test_the_mean_of_a_conv_channel_as_a_linear_form_equals_the_conv(conv, rows):
     """The linear form scoring the deepest convolution gives the channel means and their gradient."""
