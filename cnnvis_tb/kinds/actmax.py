@@ -133,9 +133,9 @@ def channel_scores(
 ) -> torch.Tensor:
     """Activation of target ``k`` = (layer, channel) in image ``k``: the channel's spatial mean, ``[K]``.
 
-    ``acts[layer]`` is the layer's output for the whole batch ``[K, C, ...]``; for the layers in ``per_target``,
-    scored one target per image (:func:`conv_mean_as_linear`), it is ``[K_layer, ...]`` (already the scores when
-    1-D): row ``j`` is the ``j``-th target of that layer in ``targets`` order.
+    ``acts[layer]`` is the layer's output for the whole batch ``[K, C, ...]``; for the layers in ``per_target``
+    (scored by :func:`conv_mean_as_linear`) it already holds the scores ``[K_layer]``: entry ``j`` is the ``j``-th
+    target of that layer in ``targets`` order.
     """
     scores = [None] * len(targets)
     by_layer: dict[str, list[int]] = {}
@@ -144,12 +144,12 @@ def channel_scores(
     for layer, ks in by_layer.items():  # one indexing op per layer, not one per target
         a = acts[layer]
         if layer in per_target:
-            picked = a
+            values = a
         else:
             index = torch.tensor(ks, device=a.device)
             channels = torch.tensor([targets[k][1] for k in ks], device=a.device)
             picked = a[index, channels]
-        values = picked.flatten(1).mean(dim=1) if picked.dim() > 1 else picked
+            values = picked.flatten(1).mean(dim=1) if picked.dim() > 1 else picked
         for k, v in zip(ks, values.unbind(), strict=True):
             scores[k] = v
     return torch.stack(scores).float()
