@@ -50,8 +50,9 @@ from torch import nn
 
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
 from cnnvis_tb.demo import MEAN, STD
+from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
-from cnnvis_tb.safety import capture, preserved
+from cnnvis_tb.safety import preserved
 
 K = 16
 STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps

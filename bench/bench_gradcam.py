@@ -20,7 +20,8 @@ Each library hooks its own copy of the model (same weights), so no library's hoo
 Agreement: Pearson correlation per image between our maps and pytorch-grad-cam's (both at input resolution).
 The logger's shared pass: one ``VisLogger`` Grad-CAM logging step (true and predicted class, Grad-CAM and
 Grad-CAM++, rendered and written) on 8 probe images, relative to the floor on the same 8 images; its
-shared forward + gradients alone (the private ``VisLogger._probe_pass``, without rendering); and the
+shared forward + gradients alone (``cnnvis_tb.probe_pass.run_probe_pass`` with the Grad-CAM kind's needs, without
+rendering); and the
 number of forward passes it runs (one, whatever the targets; four separate ``grad_cam`` calls would run four).
 
     python bench/bench_gradcam.py [--quick]
@@ -59,6 +60,7 @@ from torchcam.methods import GradCAMpp as TcGradCAMpp
 
 from cnnvis_tb import VisLogger, grad_cam
 from cnnvis_tb.demo import CLASSES, MEAN, STD
+from cnnvis_tb.probe_pass import run_probe_pass
 
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
 LOGGER_PROBE = 8  # VisLogger's default probe_size
@@ -163,7 +165,8 @@ def run_case(case: Case) -> list[Row]:
     step = iter(range(1, 1 << 30))
     fns["logger step"] = lambda: vis.log_now(next(step))
     # White-box: the logger's shared forward + gradients alone, without rendering and writing.
-    fns["logger pass"] = lambda: vis._probe_pass(("gradcam",))
+    needs, xp_model = vis.kind("gradcam").needs(), xp.to(device=next(model.parameters()).device)
+    fns["logger pass"] = lambda: run_probe_pass(model, xp_model, needs, yp)
     if len(xp) != len(x):
         fns["floor (probe)"] = lambda: floor(model, layer, xp, tp)
     probe_floor = "floor (probe)" if len(xp) != len(x) else "floor"
@@ -192,7 +195,7 @@ def run_case(case: Case) -> list[Row]:
     rows += [
         info(f"{case.name}: logger Grad-CAM step ({len(xp)} probe images, true+pred × 2 methods, rendered) / floor "
              f"on the same images", f"{paired_ratio(times, 'logger step', probe_floor):.2f}×"),
-        info(f"{case.name}: of which the shared forward + gradients (VisLogger._probe_pass) / floor",
+        info(f"{case.name}: of which the shared forward + gradients (run_probe_pass) / floor",
              f"{paired_ratio(times, 'logger pass', probe_floor):.2f}×"),
         check(f"{case.name}: forward passes per logger Grad-CAM step ({wrong}/{len(xp)} probe images mispredicted)",
               forwards, "<=", 1, fmt="{:d}"),

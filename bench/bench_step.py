@@ -35,8 +35,8 @@ from torch import nn
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DEFAULT_EVERY
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
-from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_EVERY, NOT_AT_STEP_ZERO
 
 ACTMAX_STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
 
@@ -154,7 +154,7 @@ def run_overhead(steps: int) -> list[Row]:
             run.advance()
     finals = [run.finish() for run in runs]
     identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
-    due = {k: len(range(n if k in NOT_AT_STEP_ZERO else 0, steps, n)) for k, n in DEFAULT_EVERY.items()
+    due = {k: len(range(0 if BUILTIN[k].at_step_zero else n, steps, n)) for k, n in DEFAULT_EVERY.items()
            if k != "saliency"}
     overhead = 100 * (logged.seconds / plain.seconds - 1)
     return [

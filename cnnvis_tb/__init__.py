@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "VisLogger": "cnnvis_tb.logger",
+    "Kind": "cnnvis_tb.kinds.base",
+    "Needs": "cnnvis_tb.kinds.base",
+    "StepContext": "cnnvis_tb.kinds.base",
+    "Output": "cnnvis_tb.kinds.base",
     "grad_cam": "cnnvis_tb.kinds.gradcam",
     "kernel_grid": "cnnvis_tb.kinds.kernels",
     "feature_maps": "cnnvis_tb.kinds.features",
@@ -27,6 +31,10 @@ _EXPORTS = {
 
 __all__ = [
     "VisLogger",
+    "Kind",
+    "Needs",
+    "Output",
+    "StepContext",
     "activation_maximization",
     "colorize",
     "feature_maps",
@@ -42,6 +50,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.kinds.actmax import activation_maximization
+    from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext
     from cnnvis_tb.kinds.features import feature_maps
     from cnnvis_tb.kinds.gradcam import grad_cam
     from cnnvis_tb.kinds.kernels import kernel_grid

@@ -128,7 +128,8 @@ def text_table(traces, model) -> str:
 def summary(args: argparse.Namespace) -> int:
     import torch
 
-    from cnnvis_tb.layers import first_tensor, layer_table, trace_layers
+    from cnnvis_tb.hooks import first_tensor
+    from cnnvis_tb.layers import layer_table, trace_layers
     from cnnvis_tb.safety import preserved
 
     module_name, attr = args.factory

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnvis_tb.hooks import first_tensor
+from cnnvis_tb.safety import model_device, model_dtype, preserved
+
 __all__ = [
     "unwrap_model",
     "resolve_layer",
@@ -18,7 +21,6 @@ __all__ = [
     "trace_layers",
     "default_cam_layer",
     "layer_table",
-    "first_tensor",
     "select_output",
 ]
 
@@ -101,18 +103,6 @@ def find_layers(model: nn.Module, count: int = 3) -> list[str]:
         return [convs[-1]]
     picks = sorted({round(i * (len(convs) - 1) / (count - 1)) for i in range(count)})
     return [convs[i] for i in picks]
-
-
-def first_tensor(output: object) -> torch.Tensor | None:
-    """The tensor a layer produced: the output itself, or the first 4-D (else first) tensor of a tuple/list/dict."""
-    if isinstance(output, torch.Tensor):
-        return output
-    items = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(
-        output, (tuple, list)
-    ) else []
-    tensors = [t for t in items if isinstance(t, torch.Tensor)]
-    four_d = [t for t in tensors if t.dim() == 4]
-    return (four_d or tensors or [None])[0]
 
 
 def select_output(output: object, selector: Callable[[object], torch.Tensor] | None = None) -> torch.Tensor:
@@ -221,8 +211,6 @@ def layer_table(model: nn.Module, images: torch.Tensor | None = None, traces: li
     Pass ``images`` (``[N, C, H, W]``, as the model sees them) to fill the output shapes from one forward pass
     run in eval mode with the model's state restored afterwards, or ready-made ``traces``.
     """
-    from cnnvis_tb.safety import model_device, model_dtype, preserved
-
     model = unwrap_model(model)
     if traces is None:
         if images is None:

@@ -1,34 +1,32 @@
-"""``VisLogger``: two lines in a training loop log what the CNN learns, on a schedule, on a fixed probe batch."""
+"""``VisLogger``: two lines in a training loop log what the CNN learns, on a schedule, on a fixed probe batch.
+
+The logger orchestrates and knows no kind: each visual is a :class:`~cnnvis_tb.Kind` (built-in ones in
+:mod:`cnnvis_tb.kinds`). Here live the schedule, the safety guard, the one shared probe pass over the union of the
+due kinds' needs (:mod:`cnnvis_tb.probe_pass`), warn-once / ``strict``, and the flush after each logging step.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
+import functools
 import os
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.events import PictureWriter, use_fast_checksums
-from cnnvis_tb.kinds.actmax import DEFAULT_STEPS, ActMaxConfig, optimize_channels
-from cnnvis_tb.kinds.features import feature_panels
-from cnnvis_tb.kinds.gradcam import cam_from_gradients, normalize_maps
-from cnnvis_tb.kinds.histograms import log_histograms
-from cnnvis_tb.kinds.kernels import render_kernels
-from cnnvis_tb.kinds.saliency import check_guided, input_gradients, saliency_from_gradients
+from cnnvis_tb.events import use_fast_checksums
+from cnnvis_tb.kinds import BUILTIN
+from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, unknown_kind
 from cnnvis_tb.layers import (
     LayerTrace,
     conv_layers,
-    default_cam_layer,
-    find_layers,
     layer_table,
     resolve_layer,
     select_output,
@@ -36,48 +34,20 @@ from cnnvis_tb.layers import (
     unwrap_model,
 )
 from cnnvis_tb.options import check_options
-from cnnvis_tb.probe import Probe, check_channels
-from cnnvis_tb.render import as_rgb, caption, colorize, denormalize, fit, make_grid, overlay_heatmap, to_uint8
-from cnnvis_tb.safety import capture, model_device, model_dtype, preserved, single_threaded
-from cnnvis_tb.schedule import NOT_AT_STEP_ZERO, check_kinds
+from cnnvis_tb.probe import check_channels
+from cnnvis_tb.probe_pass import ProbePass, run_probe_pass
+from cnnvis_tb.safety import model_device, model_dtype, preserved, single_threaded
+from cnnvis_tb.schedule import due_kinds
 
 __all__ = ["VisLogger"]
 
-#: Layer roles: which layers each kind looks at.
-_LAYER_KINDS = ("kernels", "features", "gradcam", "actmax")
-#: Kinds computed from the one shared forward pass over the probe.
-_PROBE_KINDS = ("features", "gradcam", "saliency")
+_FAILED = object()
 
 
 def _is_logging_rank() -> bool:
     """Only rank 0 of an initialized process group writes (every rank would otherwise write its own files)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _lookup(net: nn.Module, names: Iterable[str], missing_ok: bool = False) -> dict[str, nn.Module]:
-    """``{name: module}`` for layers chosen at construction; a clear error if the model has changed since
-    (or, with ``missing_ok``, only the layers still there: the shared forward pass serves the kinds that can go on)."""
-    modules = dict(net.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing and not missing_ok:
-        raise LookupError(
-            f"layers {missing} are no longer in the model (removed or renamed after VisLogger was created); "
-            "create a new VisLogger for the changed model"
-        )
-    return {n: modules[n] for n in names if n in modules}
-
-
-@dataclass
-class _ProbePass:
-    """One forward pass over the probe, shared by every kind that needs it at a logging step."""
-
-    scores: torch.Tensor  # [N, classes], in the graph when gradients are needed
-    inputs: torch.Tensor  # the probe as fed (requires grad for saliency)
-    cam_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # in the graph
-    feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)  # detached copies
-    grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # target -> layer/"input" -> grad
-    saliency_grads: dict[str, torch.Tensor] | None = None  # saliency method -> input gradients
 
 
 class VisLogger:
@@ -98,7 +68,7 @@ class VisLogger:
             activation-maximization images in pixel space. Without them images are shown min-max scaled.
         class_names: names of the classes, drawn into the Grad-CAM pictures.
         layers: None (automatic), a list of ``named_modules()`` names used by every kind that takes layers,
-            or a mapping ``{kind: [names]}`` for ``kernels``, ``features``, ``gradcam``, ``actmax``.
+            or a mapping ``{kind: [names]}`` for ``kernels``, ``features``, ``gradcam``, ``actmax`` and your kinds.
             Automatic: three convolutions spread over depth for kernels and features, the last convolutional
             block before global pooling for Grad-CAM, the middle and last of those convolutions for actmax.
         every: steps between logs: one int for all kinds or ``{kind: int}`` over the defaults
@@ -106,8 +76,9 @@ class VisLogger:
             steps that are multiples of its interval, step 0 included, except activation maximization, which
             starts at its interval: on the random weights of step 0 it shows nothing learned, and it is the
             costliest kind (``log_now(0, kinds=["actmax"])`` logs it there if you want it).
-        kinds: which kinds to log; default ``("kernels", "features", "gradcam", "actmax", "histograms")``;
-            ``"saliency"`` is available too.
+        kinds: which kinds to log: built-in kind names and :class:`~cnnvis_tb.Kind` instances (a kind of your
+            own), mixed; default ``("gradcam", "features", "kernels", "actmax", "histograms")``; ``"saliency"``
+            is available too.
         saliency_methods: the saliency maps shown side by side: any of ``"vanilla"`` (input gradient, from the
             shared forward pass), ``"smoothgrad"`` (16 noisy copies per image: about 16 more forward and backward
             passes over the probe) and ``"guided"`` (guided backpropagation: one more pass; needs ReLUs).
@@ -137,7 +108,7 @@ class VisLogger:
         class_names: Sequence[str] | None = None,
         layers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         every: int | Mapping[str, int] | None = None,
-        kinds: Iterable[str] | None = None,
+        kinds: Iterable[str | Kind] | None = None,
         strict: bool = False,
         probe_size: int = 8,
         top_k: int = 8,
@@ -152,19 +123,21 @@ class VisLogger:
         self._net = unwrap_model(model)
         self._probe_cache: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
         self._closed = True  # until the constructor has validated everything
+        self._kinds: list[Kind] = []
         options = check_options(
             probe=probe, probe_labels=probe_labels, mean=mean, std=std, class_names=class_names, every=every,
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
+            actmax_background=actmax_background,
         )
         self.strict = bool(strict)
-        self.kinds, self._schedule = options.kinds, options.schedule
-        self._schedule_at_zero = tuple((k, n) for k, n in self._schedule if k not in NOT_AT_STEP_ZERO)
-        self.every = dict(self._schedule)
-        self.top_k, self.max_kernels, self.output_selector = top_k, max_kernels, output_selector
-        self._actmax_config = ActMaxConfig(steps=actmax_steps, seed=seed)
-        self.saliency_methods, self.seed = options.saliency_methods, seed
-        self.actmax_background = bool(actmax_background)
+        self.output_selector, self.seed = output_selector, seed
+        if writer is not None and log_dir is not None:
+            raise ValueError("give either log_dir or writer, not both")
+        if writer is not None and getattr(writer, "all_writers", True) is None:
+            raise ValueError("writer is already closed; pass an open SummaryWriter or a log_dir")
+        if writer is None and log_dir is None:
+            raise ValueError("give log_dir (a folder such as 'runs/exp1') or writer (a SummaryWriter)")
 
         convs = conv_layers(self._net)
         if not convs:
@@ -172,7 +145,7 @@ class VisLogger:
                 f"{type(self._net).__name__} has no 2-D convolution (nn.Conv2d): cnnvis_tb visualizes "
                 "convolutional networks; pass the CNN (or the part of your model that holds its convolutions)"
             )
-        self.probe: Probe = options.probe
+        self.probe = options.probe
         check_channels(self.probe.images, convs[0][1].in_channels)
         self.mean, self.std = options.mean, options.std
 
@@ -187,43 +160,35 @@ class VisLogger:
                     f"(valid labels are 0..{num_classes - 1})"
                 )
         class_names = options.class_names
-        if class_names is not None:
-            if len(class_names) != num_classes:
-                raise ValueError(
-                    f"class_names has {len(class_names)} names but the model outputs {num_classes} classes"
-                )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but the model outputs {num_classes} classes")
         self.class_names = class_names
-        if "guided" in self.saliency_methods:
-            with preserved(self._net), torch.no_grad():
-                check_guided(self._net, self._probe_tensor()[:1], self.output_selector)
-        self.layers = self._choose_layers(layers)
-        self._actmax_targets = self._choose_actmax_channels(actmax_channels)
+
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.RLock()
+        self._info = ModelInfo(
+            net=self._net, traces=self._traces, probe=self.probe, num_classes=num_classes, mean=self.mean,
+            std=self.std, class_names=class_names, output_selector=output_selector, seed=seed, strict=self.strict,
+            warn_once=self._warn_once, guard=self._guarded, open_output=self._open_output,
+        )
+        _assign_layers(options.kinds, layers, self._info)
+        for kind in options.kinds:
+            kind.setup(self._info)
+        self._kinds = options.kinds
+        self.kinds = tuple(k.name for k in self._kinds)
+        self.every = {k.name: k.every for k in self._kinds}
 
         self._owns_writer = writer is None
-        if writer is not None and log_dir is not None:
-            raise ValueError("give either log_dir or writer, not both")
-        if writer is not None and getattr(writer, "all_writers", True) is None:
-            raise ValueError("writer is already closed; pass an open SummaryWriter or a log_dir")
-        if writer is None and log_dir is None:
-            raise ValueError("give log_dir (a folder such as 'runs/exp1') or writer (a SummaryWriter)")
         self._active = _is_logging_rank()
         self._writer = writer
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         if self._active and self._log_dir is not None:
             self._check_writable(self._log_dir)
-
         if self._active:  # ranks that never write need not import TensorBoard's writer
             use_fast_checksums()
         self._closed = False
-        self._warned: set[tuple[str, str]] = set()
         self._table_logged = False
-        self._notes_logged: set[str] = set()
         self._last_logged: dict[str, int] = {}
-        self._lock = threading.RLock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
-        self._pending: list[Future] = []
-        self._pictures: PictureWriter | None = None
         _open_loggers.add(self)
 
     # ------------------------------------------------------------------ validation
@@ -251,65 +216,6 @@ class VisLogger:
             raise ValueError(f"model returned {scores.shape[0]} score rows for {x.shape[0]} probe images")
         return traces, scores.shape[1]
 
-    def _choose_layers(self, layers) -> dict[str, list[str]]:
-        if layers is None or isinstance(layers, Mapping):
-            given = dict(layers or {})
-            for kind in given:
-                if kind not in _LAYER_KINDS:
-                    raise ValueError(f"layers has unknown kind {kind!r}; layers can be given for {_LAYER_KINDS}")
-        else:
-            # A plain list names the layers to look inside (features, actmax); kernel grids take the
-            # convolutions among them, and Grad-CAM keeps its automatic class-discriminative layer.
-            names = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
-            given = {"features": names, "actmax": names}
-            convs = [n for n in names if isinstance(n, str) and n in dict(conv_layers(self._net))]
-            if convs:
-                given["kernels"] = convs
-        spread = find_layers(self._net, 3)
-        defaults = {
-            "kernels": spread,
-            "features": spread,
-            "gradcam": [default_cam_layer(self._traces)],
-            "actmax": spread[-2:] if len(spread) > 1 else spread,
-        }
-        chosen = {}
-        for kind in _LAYER_KINDS:
-            names = given.get(kind, defaults[kind])
-            if isinstance(names, (str, nn.Module)):
-                names = [names]
-            resolved = [resolve_layer(self._net, n, need_conv=kind == "kernels")[0] for n in names]
-            if not resolved:
-                raise ValueError(f"layers[{kind!r}] is empty; name at least one layer or leave it out")
-            ran = {t.name for t in self._traces if t.order >= 0}
-            silent = [n for n in resolved if n not in ran and kind != "kernels"]
-            if silent:
-                raise ValueError(f"layers {silent} for {kind} did not run in the model's forward pass on the probe")
-            chosen[kind] = list(dict.fromkeys(resolved))
-        return chosen
-
-    def _choose_actmax_channels(self, spec) -> list[tuple[str, int]]:
-        shapes = {t.name: t.output_shape for t in self._traces}
-        targets: list[tuple[str, int]] = []
-        if isinstance(spec, Mapping):
-            for name, chans in spec.items():
-                layer, _ = resolve_layer(self._net, name)
-                if layer not in self.layers["actmax"]:
-                    self.layers["actmax"].append(layer)
-                targets += [(layer, int(c)) for c in chans]
-        else:
-            for layer in self.layers["actmax"]:
-                total = shapes[layer][1]
-                count = min(spec, total)
-                picks = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
-                targets += [(layer, c) for c in picks]
-        for layer, channel in targets:
-            shape = shapes.get(layer)
-            if shape is None or len(shape) != 4:
-                raise ValueError(f"actmax layer {layer!r} must output a spatial map [N, C, H, W], got {shape}")
-            if not 0 <= channel < shape[1]:
-                raise ValueError(f"actmax channel {channel} out of range: layer {layer!r} has {shape[1]} channels")
-        return targets
-
     # ------------------------------------------------------------------ public API
     @property
     def writer(self):
@@ -320,10 +226,27 @@ class VisLogger:
             self._writer = SummaryWriter(self._log_dir)
         return self._writer
 
+    @property
+    def layers(self) -> dict[str, list[str]]:
+        """``{kind: [layer names]}`` for the logged kinds that take layers, as chosen at construction."""
+        return {k.name: list(k.layers) for k in self._kinds if k.layer_role is not None}
+
+    def kind(self, name: str) -> Kind:
+        """The logged kind called ``name`` (a built-in kind or one of yours)."""
+        for kind in self._kinds:
+            if kind.name == name:
+                return kind
+        raise self._not_logged(name)
+
+    def _not_logged(self, name: object) -> ValueError:
+        if name in BUILTIN:
+            return ValueError(f"kind {name!r} is not logged by this VisLogger (kinds={list(self.kinds)}); "
+                              f"add it to kinds=[...] when creating the VisLogger")
+        return unknown_kind(name, list(self.kinds))
+
     def due(self, global_step: int) -> tuple[str, ...]:
-        """The kinds whose interval divides ``global_step`` (at step 0: all but activation maximization)."""
-        schedule = self._schedule if global_step else self._schedule_at_zero
-        return tuple(kind for kind, n in schedule if global_step % n == 0)
+        """The kinds whose interval divides ``global_step`` (at step 0: those logged at step 0)."""
+        return tuple(k.name for k in due_kinds(self._kinds, global_step))
 
     def step(self, global_step: int) -> bool:
         """Log the kinds due at ``global_step``; returns whether anything was logged.
@@ -333,15 +256,14 @@ class VisLogger:
         """
         if not self._active or self._closed:
             return False
-        last = self._last_logged
-        schedule = self._schedule if global_step else self._schedule_at_zero
-        due = [kind for kind, n in schedule if global_step % n == 0 and last.get(kind) != global_step]
+        due = due_kinds(self._kinds, global_step, self._last_logged)
         if not due:
             return False
-        return self.log_now(global_step, due)
+        return self.log_now(global_step, [k.name for k in due])
 
-    def log_now(self, global_step: int, kinds: Iterable[str] | None = None) -> bool:
-        """Log ``kinds`` (default: every enabled kind) at ``global_step`` now, whatever the schedule says.
+    def log_now(self, global_step: int, kinds: Iterable[str] | str | None = None) -> bool:
+        """Log ``kinds`` (names of logged kinds; default: all of them) at ``global_step`` now, whatever the
+        schedule says.
 
         A failing kind warns once (or raises with ``strict=True``) and the others still log; the events of
         this step are flushed to disk before returning.
@@ -350,15 +272,22 @@ class VisLogger:
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         if self._closed:
             raise RuntimeError("this VisLogger is closed")
-        kinds = check_kinds(kinds, default=self.kinds)
+        if kinds is None:
+            chosen = list(self._kinds)
+        else:
+            names = [kinds] if isinstance(kinds, str) else list(kinds)
+            for name in names:
+                if name not in self.kinds:
+                    raise self._not_logged(name)
+            chosen = [k for k in self._kinds if k.name in names]
         if not self._active:
             return False
         with self._lock:
             try:
-                self._log(global_step, kinds)
+                self._log(global_step, chosen)
             finally:
-                for kind in kinds:
-                    self._last_logged[kind] = global_step
+                for kind in chosen:
+                    self._last_logged[kind.name] = global_step
                 if self._writer is not None:
                     self._writer.flush()
         return True
@@ -368,13 +297,10 @@ class VisLogger:
         if self._closed:
             return
         self._closed = True
-        self._drop_parents_threads()
         try:
-            for future in list(self._pending):
+            for kind in self._kinds:
                 with contextlib.suppress(Exception):
-                    future.result()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+                    kind.close()
         finally:
             _open_loggers.discard(self)
             if self._writer is not None:
@@ -398,287 +324,111 @@ class VisLogger:
             self._probe_cache = cache = (device, dtype, self.probe.images.to(device=device, dtype=dtype))
         return cache[2]
 
-    def _guarded(self, kind: str, step: int, fn: Callable[[], object]) -> object:
-        """Run one visual; on failure warn once per (kind, error type) and go on, or raise when strict."""
+    def _guarded(self, what: str, step: int, fn: Callable[[], object], failed: object = None) -> object:
+        """Run one visual; on failure warn once per (what, error type) and go on (returning ``failed``), or
+        raise when strict."""
         try:
             return fn()
         except Exception as e:
             if self.strict:
                 raise
-            key = (kind, type(e).__name__)
+            key = (what, type(e).__name__)
             if key not in self._warned:
                 self._warned.add(key)
                 warnings.warn(
-                    f"cnnvis_tb: the {kind} visual failed at step {step} and is skipped "
+                    f"cnnvis_tb: the {what} visual failed at step {step} and is skipped "
                     f"({type(e).__name__}: {e}); training continues. Pass strict=True to raise instead.",
                     RuntimeWarning,
                     stacklevel=4,
                 )
-            return None
+            return failed
 
     def _warn_once(self, key: str, message: str) -> None:
         if ("note", key) not in self._warned:
             self._warned.add(("note", key))
             warnings.warn(f"cnnvis_tb: {message}", RuntimeWarning, stacklevel=5)
 
-    def _log(self, step: int, kinds: tuple[str, ...]) -> None:
+    def _log(self, step: int, kinds: list[Kind]) -> None:
         with preserved(self._net):
             if not self._table_logged:
-                self._guarded("summary", step, lambda: self._log_table(step))
+                self._guarded("summary", step, lambda: self._log_tables(step))
                 self._table_logged = True
-            record = shown = None
-            if any(k in _PROBE_KINDS for k in kinds):
-                record = self._guarded("probe", step, lambda: self._probe_pass(kinds))
-                shown = denormalize(self.probe.images, self.mean, self.std)
+            needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in kinds), Needs())
+            shared = None
+            if needs.forward:
+                shared = self._guarded("probe", step, lambda: self._probe_pass(needs))
+            ctx = StepContext(step=step, info=self._info, inputs=self._probe_tensor(), shared=shared)
             for kind in kinds:
-                log = getattr(self, f"_log_{kind}")
-                if kind == "actmax":  # the one kind doing real network work here: keep every thread
-                    self._guarded(kind, step, lambda log=log: log(step))
+                if shared is None and kind.needs().forward:  # the shared pass failed, and said so
                     continue
-                if kind == "saliency" and record is not None:  # its network passes: with every thread
-                    self._saliency_gradients(step, record)
-                with single_threaded():  # the rest renders small pictures
-                    if kind not in _PROBE_KINDS:
-                        self._guarded(kind, step, lambda log=log: self._written(log, step))
-                    elif record is not None:
-                        self._guarded(kind, step, lambda log=log: self._written(log, step, record, shown))
+                # Network work with every thread; the rest renders small pictures, on one.
+                computed = self._guarded(kind.name, step, lambda k=kind: k.compute(ctx), failed=_FAILED)
+                if computed is _FAILED:
+                    continue
+                with single_threaded():
+                    self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
 
-    def _written(self, log: Callable[..., None], *args) -> None:
-        """Run one kind's logging; the pictures it added (encoded meanwhile on a helper thread) are written
-        before it counts as done, also those made before a failure."""
-        self._pictures = PictureWriter(self.writer)
-        try:
-            log(*args)
-        finally:
-            self._pictures.flush()
-
-    def _each_layer(self, kind: str) -> Iterator[tuple[str, nn.Module]]:
-        """The kind's layers still in the model; after them, a LookupError naming any that are gone, so one
-        removed layer does not stop the others from logging."""
-        present = _lookup(self._net, self.layers[kind], missing_ok=True)
-        yield from present.items()
-        if len(present) < len(self.layers[kind]):
-            _lookup(self._net, self.layers[kind])
-
-    def _log_table(self, step: int) -> None:
-        self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
-
-    def _probe_pass(self, kinds: tuple[str, ...]) -> _ProbePass:
-        """One forward over the probe serving features, Grad-CAM (every layer, both targets) and saliency."""
-        want_cam, want_sal = "gradcam" in kinds, "saliency" in kinds and "vanilla" in self.saliency_methods
-        x = self._probe_tensor().detach()
-        if want_sal:
-            x = x.clone().requires_grad_(True)
-        with contextlib.ExitStack() as stack:
-            cam_acts = stack.enter_context(
-                capture(_lookup(self._net, self.layers["gradcam"], missing_ok=True), for_grad=True)
-            ) if want_cam else {}
-            feature_acts = stack.enter_context(
-                capture(_lookup(self._net, self.layers["features"], missing_ok=True))
-            ) if "features" in kinds else {}
-            with torch.set_grad_enabled(want_cam or want_sal):
-                scores = select_output(self._net(x), self.output_selector)
-        record = _ProbePass(scores=scores, inputs=x, cam_acts=dict(cam_acts), feature_acts=dict(feature_acts))
-        if not torch.isfinite(scores.detach()).all():
+    def _probe_pass(self, needs: Needs) -> ProbePass:
+        record = run_probe_pass(self._net, self._probe_tensor(), needs, self.probe.labels, self.output_selector)
+        if not torch.isfinite(record.scores.detach()).all():
             self._warn_once("nonfinite-scores", "the model's outputs on the probe hold NaN or inf values")
-        if want_cam or want_sal:
-            self._gradients(record, want_cam, want_sal)
         return record
 
-    def _targets(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        pred = scores.detach().argmax(dim=1)
-        targets = {"pred": pred}
-        if self.probe.labels is not None:
-            targets["true"] = self.probe.labels.to(pred.device)
-        return targets
-
-    def _gradients(self, record: _ProbePass, want_cam: bool, want_sal: bool) -> None:
-        """Gradients of each target's scores w.r.t. every Grad-CAM layer (and the input), one backward per
-        distinct target set: when every prediction is right, 'true' reuses the 'pred' gradients."""
-        names = list(record.cam_acts) if want_cam else []
-        inputs = [record.cam_acts[n] for n in names] + ([record.inputs] if want_sal else [])
-        targets = self._targets(record.scores)
-        keys = list(targets)
-        for i, key in enumerate(keys):
-            t = targets[key]
-            same = next((k for k in keys[:i] if torch.equal(targets[k], t)), None)
-            if same is not None:
-                record.grads[key] = record.grads[same]
-                continue
-            last = all(torch.equal(targets[k], targets[key]) for k in keys[i + 1 :])
-            score = record.scores.gather(1, t[:, None]).sum()
-            grads = torch.autograd.grad(score, inputs, retain_graph=not last, allow_unused=True)
-            record.grads[key] = dict(zip(names + (["input"] if want_sal else []), grads, strict=True))
-
-    def _class_label(self, index: int) -> str:
-        return self.class_names[index] if self.class_names else f"class {index}"
-
-    def _log_gradcam(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        size = tuple(self.probe.images.shape[-2:])
-        probs = record.scores.detach().float().softmax(dim=1).cpu()
-        targets = {k: v.cpu() for k, v in self._targets(record.scores).items()}
-        order = [k for k in ("true", "pred") if k in targets]
-        panel = 96  # px per panel: legible captions, small files for big inputs
-        inputs = fit(as_rgb(shown), panel, panel)
-        for layer, _ in self._each_layer("gradcam"):
-            acts = record.cam_acts[layer]
-            columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
-            for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
-                for key in order:
-                    grads = record.grads[key][layer]
-                    if grads is None:
-                        raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
-                    maps = normalize_maps(cam_from_gradients(acts, grads, method), size).cpu()
-                    columns.append((fit(overlay_heatmap(shown, maps), panel, panel), label, key))
-            for i in range(shown.shape[0]):
-                true = f"true: {self._class_label(int(targets['true'][i]))}" if "true" in targets else "label unknown"
-                panels = [caption(inputs[i], ["input", true])]
-                for overlays, label, key in columns:
-                    cls = int(targets[key][i])
-                    panels.append(caption(overlays[i], [label, f"{key}: {self._class_label(cls)} {probs[i, cls]:.0%}"]))
-                strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-                self._pictures.add(tags.image_tag("gradcam", layer, tags.probe_view(i)), to_uint8(strip), step)
-
-    def _saliency_target(self) -> str:
-        return "true" if self.probe.labels is not None else "pred"
-
-    def _saliency_gradients(self, step: int, record: _ProbePass) -> None:
-        """Input gradients of every saliency method for the true (else predicted) class of each probe image; a
-        method that fails warns once (or raises when strict) and the others are still shown."""
-        key = self._saliency_target()
-        targets = self._targets(record.scores)[key]
-
-        def gradients(method: str) -> torch.Tensor:
-            if method == "vanilla":  # from the shared forward pass
-                return record.grads[key]["input"]
-            return input_gradients(self._net, record.inputs.detach(), targets, method, seed=self.seed,
-                                   batch_size=len(targets), output_selector=self.output_selector)[0]
-
-        record.saliency_grads = {}
-        for method in self.saliency_methods:
-            grads = self._guarded(f"saliency ({method})", step, lambda m=method: gradients(m))
-            if grads is not None:
-                record.saliency_grads[method] = grads
-
-    def _log_saliency(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        if not record.saliency_grads:  # every method failed, and said so
-            return
-        key = self._saliency_target()
-        targets = self._targets(record.scores)[key].cpu()
-        labels = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP"}
-        panel = 96
-        columns = [(fit(colorize(saliency_from_gradients(record.saliency_grads[m]).cpu(), "inferno"), panel, panel),
-                    labels[m]) for m in record.saliency_grads]
-        inputs = fit(as_rgb(shown), panel, panel)
-        for i in range(shown.shape[0]):
-            target = f"{key}: {self._class_label(int(targets[i]))}"
-            panels = [caption(inputs[i], ["input", target])]
-            panels += [caption(maps[i], [label, target]) for maps, label in columns]
-            strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-            self._pictures.add(tags.image_tag("saliency", "input", tags.probe_view(i)), to_uint8(strip), step)
-
-    def _log_features(self, step: int, record: _ProbePass, shown: torch.Tensor) -> None:
-        for layer, _ in self._each_layer("features"):
-            acts = record.feature_acts.get(layer)
-            if acts is None:
-                raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
-            if acts.dim() != 4:
-                raise ValueError(f"layer {layer!r} outputs {tuple(acts.shape)}, not a feature map [N, C, H, W]")
-            if not torch.isfinite(acts).all():
-                self._warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
-            for i, panel in enumerate(feature_panels(shown, acts.float().cpu(), k=self.top_k)):
-                self._pictures.add(tags.image_tag("features", layer, tags.probe_view(i)), to_uint8(panel), step)
-
-    def _log_kernels(self, step: int) -> None:
-        for layer, module in self._each_layer("kernels"):
-            grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
-            if grid.nonfinite:
-                self._warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
-            self._pictures.add(tags.image_tag("kernels", layer, "grid"), grid.pixels, step)
-            note = grid.note
-            if note and layer not in self._notes_logged:
-                self._notes_logged.add(layer)
-                self.writer.add_text(tags.text_tag(layer, "kernels"), f"{layer}: {note}", step)
-
-    def _log_histograms(self, step: int) -> None:
-        skipped = log_histograms(self.writer, self._net, step)
-        for tag, count in skipped.items():
-            self._warn_once(f"hist-{tag}", f"{count} non-finite values left out of the histogram {tag}")
-
-    # ------------------------------------------------------------------ activation maximization
-    def _actmax_images(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        wanted = list(dict.fromkeys(layer for layer, _ in self._actmax_targets))
-        modules = _lookup(net, wanted, missing_ok=True)
-        targets = [(layer, c) for layer, c in self._actmax_targets if layer in modules]
-        if not targets:
-            _lookup(net, wanted)  # raises, naming the missing layers
-        layers = list(modules)
-        order = {t.name: t.order for t in self._traces}
-        images = optimize_channels(
-            net,
-            modules,
-            targets,
-            tuple(self.probe.images.shape[-2:]),
-            self.probe.images.shape[1],
-            mean=self.mean,
-            std=self.std,
-            config=self._actmax_config,
-            stop_after=max(layers, key=lambda n: order.get(n, -1)),
-        ).cpu()
-        return {layer: images[[i for i, (name, _) in enumerate(targets) if name == layer]] for layer in layers}
-
-    def _write_actmax(self, step: int, per_layer: dict[str, torch.Tensor]) -> None:
-        with self._lock:
-            pictures = PictureWriter(self.writer)  # its own: this may run on the background worker
-            for layer, images in per_layer.items():
-                channels = [c for name, c in self._actmax_targets if name == layer]
-                grid = make_grid(fit(as_rgb(images), 64, 96), ncol=min(8, len(channels)), padding=2)
-                picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
-                pictures.add(tags.image_tag("actmax", layer, "channels"), to_uint8(picture), step)
-            pictures.flush()
-            self.writer.flush()
-
-    def _log_actmax(self, step: int) -> None:
-        if not self.actmax_background:
-            self._write_actmax(step, self._actmax_images(self._net))
-            _lookup(self._net, self.layers["actmax"])  # after the layers still there have logged
-            return
-        self._drop_parents_threads()
-        self._pending = [f for f in self._pending if not f.done()]
-        if self._pending:
-            self._warn_once("actmax-busy", f"activation maximization of an earlier step is still running; "
-                            f"step {step} is skipped (use a larger every['actmax'])")
-            return
-        snapshot = self._snapshot()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnvis-actmax")
-        self._pending.append(self._executor.submit(self._background_actmax, snapshot, step))
-
-    def _drop_parents_threads(self) -> None:
-        """In a process forked from the one that started the background worker, that worker does not exist:
-        forget it and its unfinished work (the parent finishes and logs it), so nothing waits on it forever."""
-        if os.getpid() != self._pid:
-            self._pid, self._executor, self._pending = os.getpid(), None, []
-
-    def _snapshot(self) -> nn.Module:
-        """A frozen copy of the model (eval mode, no gradients) for background work."""
-        with torch.no_grad():
-            snapshot = copy.deepcopy(self._net)
-        for p in snapshot.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        return snapshot.eval()
-
-    def _background_actmax(self, snapshot: nn.Module, step: int) -> None:
+    def _written(self, kind: Kind, ctx: StepContext, computed: object) -> None:
+        """Run one kind's logging; the pictures it added (encoded meanwhile on a helper thread) are written
+        before it counts as done, also those made before a failure."""
+        out = Output(kind.name, self.writer, ctx.step)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
-                per_layer = self._actmax_images(snapshot)
-            self._write_actmax(step, per_layer)
-        except Exception as e:
-            if self.strict:
-                raise
-            self._warn_once(f"actmax-bg-{type(e).__name__}", f"background activation maximization failed at step "
-                            f"{step}: {type(e).__name__}: {e}")
+            kind.log(ctx, out, computed)
+        finally:
+            out.flush()
+
+    @contextlib.contextmanager
+    def _open_output(self, kind: Kind, step: int) -> Iterator[Output]:
+        """An :class:`Output` for work a kind finishes later on a thread of its own: written under the lock and
+        flushed to disk on exit."""
+        with self._lock:
+            out = Output(kind.name, self.writer, step)
+            try:
+                yield out
+            finally:
+                out.flush()
+                self.writer.flush()
+
+    def _log_tables(self, step: int) -> None:
+        """The layer table and the kinds table (label and order of every kind for the tab), once per run."""
+        self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
+        rows = [(k.name, k.label or k.name, k.details()) for k in self._kinds]
+        self.writer.add_text(tags.KINDS_TABLE_TAG, tags.kinds_table(rows), step)
+
+
+def _assign_layers(kinds: list[Kind], layers, info: ModelInfo) -> None:
+    """Hand ``VisLogger(layers=...)`` to the kinds: a mapping names each kind's layers, a plain list the layers of
+    every kind that follows it (kernel grids take the convolutions among them; Grad-CAM keeps its own)."""
+    if layers is None:
+        return
+    if isinstance(layers, Mapping):
+        takes = {k.name for k in kinds if k.layer_role is not None}
+        takes |= {name for name, cls in BUILTIN.items() if cls.layer_role is not None}
+        for name in layers:
+            if name not in takes:
+                raise ValueError(f"layers has unknown kind {name!r}; layers can be given for {tuple(sorted(takes))}")
+        enabled = {k.name: k for k in kinds}
+        for name, given in layers.items():
+            given = [given] if isinstance(given, (str, nn.Module)) else list(given)
+            if name in enabled:
+                enabled[name]._given_layers = given
+            else:  # a kind not logged: its layers are still checked, so a typo shows now, not when it is enabled
+                for layer in given:
+                    resolve_layer(info.net, layer)
+        return
+    names = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    for layer in names:  # every name must exist, whichever kinds take it
+        resolve_layer(info.net, layer)
+    for kind in kinds:
+        picked = kind.layers_from_list(info, names)
+        if picked is not None and kind._given_layers is None:
+            kind._given_layers = picked
 
 
 # Loggers still open at interpreter exit are closed, so queued events reach the disk.
@@ -690,4 +440,3 @@ def _close_open_loggers() -> None:
     for vis in list(_open_loggers):
         with contextlib.suppress(Exception):
             vis.close()
-

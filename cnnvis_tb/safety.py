@@ -13,7 +13,7 @@
 
 Parameters' ``requires_grad`` flags and ``.grad`` tensors are never written: visuals take gradients with
 ``torch.autograd.grad`` with respect to activations or images only. Hooks are registered through
-:func:`capture` and removed in its ``finally``.
+:func:`cnnvis_tb.hooks.capture` and removed in its ``finally``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from cnnvis_tb.layers import first_tensor
-
-__all__ = ["preserved", "capture", "single_threaded", "model_device", "model_dtype", "StopForward"]
+__all__ = ["preserved", "single_threaded", "model_device", "model_dtype"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -89,86 +87,3 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass once every layer of interest has produced its output."""
-
-
-@contextlib.contextmanager
-def capture(
-    modules: dict[str, nn.Module],
-    *,
-    for_grad: bool = False,
-    stop_after: str | None = None,
-    stop_before: dict[str, nn.Module] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output tensor of each module in ``modules`` during the forward passes run in the body.
-
-    Args:
-        modules: ``{name: module}`` to hook.
-        for_grad: keep the recorded tensors in the autograd graph so gradients can be taken with respect to
-            them. The layer then passes on a copy of its output, so an in-place op after it (``ReLU(inplace=True)``)
-            changes the copy and not the recorded activation. Without ``for_grad`` a detached copy is kept.
-        stop_after: name of a module after whose output the forward pass is cut short with :class:`StopForward`
-            (which this context swallows); saves the rest of the network when only early layers matter.
-        stop_before: ``{name: module}`` (one entry): record the module's input as ``"<name>:input"`` (in the
-            graph) and cut the forward pass short before the module runs.
-
-    Yields ``{name: tensor}``, filled as the forward pass runs (the last call wins for modules called twice).
-    Every hook is removed on exit, also when the body raises.
-    """
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(_module, _inputs, output):
-            tensor = first_tensor(output)
-            if tensor is None:
-                return None
-            if not for_grad:
-                outputs[name] = tensor.detach().clone()
-                replacement = None
-            else:
-                outputs[name] = tensor
-                passed_on = tensor.clone()
-                replacement = _replace_tensor(output, tensor, passed_on)
-            if name == stop_after:
-                raise StopForward(name)
-            return replacement
-
-        return hook
-
-    def make_pre_hook(name: str):
-        def pre_hook(_module, inputs):
-            tensor = first_tensor(inputs)
-            if tensor is not None:
-                outputs[f"{name}:input"] = tensor
-            raise StopForward(name)
-
-        return pre_hook
-
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        for name, module in (stop_before or {}).items():
-            handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
-        try:
-            yield outputs
-        except StopForward:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _replace_tensor(output: object, old: torch.Tensor, new: torch.Tensor) -> object:
-    if output is old:
-        return new
-    if isinstance(output, tuple):
-        return tuple(new if o is old else o for o in output)
-    if isinstance(output, list):
-        return [new if o is old else o for o in output]
-    if isinstance(output, dict):
-        return {k: (new if v is old else v) for k, v in output.items()}
-    return output

@@ -1,61 +1,73 @@
-"""Which kinds are logged, and when."""
+"""Which kinds are logged, and when: kind names and ``Kind`` instances resolved, intervals applied."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["ALL_KINDS", "DEFAULT_KINDS", "DEFAULT_EVERY", "NOT_AT_STEP_ZERO", "check_kinds", "build_schedule"]
+from cnnvis_tb.kinds import BUILTIN, DEFAULT_KINDS
+from cnnvis_tb.kinds.base import Kind, check_every, check_kind_class, unknown_kind
 
-#: Every kind the logger can compute (``summary`` is the layer table, written once).
-ALL_KINDS = ("kernels", "features", "gradcam", "saliency", "actmax", "histograms")
-#: Kinds logged when ``kinds`` is not given (saliency is opt-in).
-DEFAULT_KINDS = ("kernels", "features", "gradcam", "actmax", "histograms")
-#: Steps between two logs of each kind when ``every`` is not given: cheap kinds often, actmax rarely.
-DEFAULT_EVERY = {"kernels": 100, "histograms": 100, "features": 200, "gradcam": 200, "saliency": 200, "actmax": 1000}
-#: Kinds the schedule does not log at step 0 but first at their interval: activation maximization of the random
-#: weights a run starts from shows no learned feature, and it is the costliest kind (``log_now`` still logs it).
-NOT_AT_STEP_ZERO = frozenset({"actmax"})
+__all__ = ["resolve_kinds", "apply_every", "due_kinds"]
 
 
-def check_kinds(kinds: Iterable[str] | str | None, default: Iterable[str] = DEFAULT_KINDS) -> tuple[str, ...]:
-    """Validate kind names (in the order of :data:`ALL_KINDS`); unknown names raise with close matches."""
+def resolve_kinds(
+    kinds: Iterable[str | Kind] | str | Kind | None, options: Mapping[str, Any] | None = None
+) -> list[Kind]:
+    """The kinds to log, as instances: built-in names are built from ``options`` (VisLogger's keyword options),
+    ``Kind`` instances are checked and kept. Built-in kinds come in the registry's order, a user's after them in
+    the given order. Unknown names raise with close matches; two kinds with one name raise."""
+    options = options or {}
     if kinds is None:
-        return tuple(default)
-    if isinstance(kinds, str):
+        kinds = DEFAULT_KINDS
+    if isinstance(kinds, (str, Kind)):
         kinds = [kinds]
-    kinds = list(kinds)
+    if not isinstance(kinds, Iterable):
+        raise TypeError(f"kinds must be a list of kind names or Kind instances, got {kinds!r}")
+    resolved: list[Kind] = []
     for kind in kinds:
-        if kind not in ALL_KINDS:
-            close = difflib.get_close_matches(str(kind), ALL_KINDS, n=2)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            raise ValueError(f"unknown kind {kind!r}{hint}; expected some of {ALL_KINDS}")
-    return tuple(k for k in ALL_KINDS if k in kinds)
+        if isinstance(kind, str):
+            if kind not in BUILTIN:
+                raise unknown_kind(kind, list(BUILTIN))
+            kind = BUILTIN[kind].from_options(options)
+        elif isinstance(kind, type) and issubclass(kind, Kind):
+            raise TypeError(f"kinds holds the class {kind.__name__}; pass an instance: {kind.__name__}()")
+        check_kind_class(kind, BUILTIN)
+        if any(k.name == kind.name for k in resolved):
+            raise ValueError(f"kinds names {kind.name!r} twice; give each kind once")
+        resolved.append(kind)
+    if not resolved:
+        raise ValueError("kinds is empty: name at least one kind, e.g. kinds=['gradcam']")
+    order = list(BUILTIN)
+    return sorted(resolved, key=lambda k: order.index(k.name) if k.name in order else len(order))
 
 
-def _check_interval(kind: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"every[{kind!r}] must be a positive int (steps between logs), got {value!r}")
-    if value < 1:
-        raise ValueError(f"every[{kind!r}] must be >= 1 (steps between logs), got {value}; leave a kind out of "
-                         "`kinds` to turn it off")
-    return value
+def apply_every(every: int | Mapping[str, int] | None, kinds: list[Kind]) -> None:
+    """Set each kind's interval: ``every`` is None (each kind's own default), one int for every kind, or a mapping
+    ``{kind name: interval}`` overriding the kinds it names (names of built-in kinds not logged are accepted).
+    One int does not override a kind built with an interval of its own (``MyKind(every=50)``)."""
+    if every is None:
+        return
+    if isinstance(every, Mapping):
+        known = [k.name for k in kinds] + [n for n in BUILTIN if n not in {k.name for k in kinds}]
+        for name, value in every.items():
+            if name not in known:
+                raise unknown_kind(name, known)
+            check_every(name, value)
+        for kind in kinds:
+            if kind.name in every:
+                kind.every = every[kind.name]
+        return
+    if isinstance(every, bool) or not isinstance(every, int):
+        raise TypeError(f"every must be a positive int or a mapping {{kind: int}}, got {every!r}")
+    check_every("every", every)
+    for kind in kinds:
+        if not getattr(kind, "every_given", False):  # a kind built with its own every keeps it
+            kind.every = every
 
 
-def build_schedule(every: int | Mapping[str, int] | None, kinds: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-    """``((kind, interval), ...)`` for the enabled kinds.
-
-    ``every`` is None (the defaults of :data:`DEFAULT_EVERY`), one int for every kind, or a mapping
-    ``{kind: interval}`` overriding the defaults of the kinds it names.
-    """
-    if every is None or isinstance(every, Mapping):
-        overrides = dict(every or {})
-        for kind in overrides:
-            check_kinds([kind])
-        intervals = {k: _check_interval(k, overrides.get(k, DEFAULT_EVERY[k])) for k in kinds}
-    else:
-        value = every
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"every must be a positive int or a mapping {{kind: int}}, got {every!r}")
-        intervals = {k: _check_interval(k, value) for k in kinds}
-    return tuple((k, intervals[k]) for k in kinds)
+def due_kinds(kinds: Iterable[Kind], step: int, last_logged: Mapping[str, int] | None = None) -> list[Kind]:
+    """The kinds whose interval divides ``step`` (at step 0 only those logged at step 0), leaving out those
+    already logged at this step."""
+    last = last_logged or {}
+    return [k for k in kinds if step % k.every == 0 and (step or k.at_step_zero) and last.get(k.name) != step]

@@ -9,11 +9,16 @@ Tag scheme::
 
     cnnvis/<kind>/<layer>/<view>
 
-* ``kind``  one of :data:`KINDS` (``summary`` holds text such as the layer table).
+* ``kind``  the kind's name (built-in or a user's :class:`cnnvis_tb.Kind`): letters, digits and ``_ . + -``,
+  see :func:`check_kind_name`. ``summary`` holds text (the layer table, the kinds table) and ``metrics`` is kept
+  for scalars.
 * ``layer`` the layer's ``named_modules()`` name (dots kept, never contains ``/``), or ``input``
   for views of the whole model input (saliency) and ``model`` for model-wide text.
 * ``view``  what the picture shows: ``probe_003`` (one probe image), ``grid`` (kernel grid),
   ``channels`` (activation maximization), ``weight`` / ``grad`` (histograms), ``layers`` (text).
+
+The kinds table (``cnnvis/summary/model/kinds``, a Markdown table written once per run by the logger) tells the
+tab each kind's label and order; :func:`kinds_table` writes it and :func:`parse_kinds_table` reads it back.
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ from typing import NamedTuple
 
 __all__ = [
     "PREFIX",
-    "KINDS",
-    "IMAGE_KINDS",
+    "RESERVED",
+    "KindInfo",
+    "check_kind_name",
+    "is_kind_name",
+    "kinds_table",
+    "parse_kinds_table",
+    "KINDS_TABLE_TAG",
     "TagParts",
     "image_tag",
     "histogram_tag",
     "text_tag",
+    "metric_tag",
     "parse_tag",
     "probe_view",
     "probe_index",
@@ -36,13 +47,39 @@ __all__ = [
 
 PREFIX = "cnnvis"
 
-#: Every visual kind, in the order the tab lists them.
-KINDS = ("gradcam", "features", "kernels", "actmax", "saliency", "histograms", "summary")
-#: Kinds written as images (read by the tab through the stock ``images`` plugin's data).
-IMAGE_KINDS = ("gradcam", "features", "kernels", "actmax", "saliency")
+#: Tag families that are not kinds: text summaries and metric scalars.
+RESERVED = ("summary", "metrics")
+_KIND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 _PROBE_VIEW = re.compile(r"^probe_(\d{3,})$")
 _SAFE_LAYER = re.compile(r"[/\s]")
+
+
+def is_kind_name(name: object) -> bool:
+    """Whether ``name`` can name a kind: 1-64 letters, digits, ``_ . + -`` (first a letter or digit), not reserved."""
+    return isinstance(name, str) and bool(_KIND_NAME.match(name)) and name not in RESERVED
+
+
+def check_kind_name(name: object) -> str:
+    """``name`` if it can name a kind (its tag family ``cnnvis/<name>/...``), else ``ValueError`` saying why."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a kind's name must be a non-empty string, got {name!r}")
+    if name in RESERVED:
+        raise ValueError(f"kind name {name!r} is reserved for cnnvis_tb's {name} tags; choose another name")
+    if "/" in name:
+        raise ValueError(f"kind name {name!r} holds '/'; a kind's name is one tag level (cnnvis/<name>/...), "
+                         "e.g. 'channel_means'")
+    if not _KIND_NAME.match(name):
+        raise ValueError(f"kind name {name!r} must be 1-64 letters, digits or '_ . + -', starting with a letter or "
+                         "digit, e.g. 'channel_means'")
+    return name
+
+
+class KindInfo(NamedTuple):
+    """What the tab knows of a kind: its name (tag family) and the label its button shows."""
+
+    name: str
+    label: str
 
 
 class TagParts(NamedTuple):
@@ -60,17 +97,24 @@ def _layer_part(layer: str) -> str:
     return _SAFE_LAYER.sub("_", layer)
 
 
-def _tag(kind: str, layer: str, view: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    return f"{PREFIX}/{kind}/{_layer_part(layer)}/{view}"
+def _view_part(view: str) -> str:
+    if not isinstance(view, str) or not view:
+        raise ValueError("view name must be a non-empty string")
+    return view
+
+
+def _tag(family: str, layer: str, view: str) -> str:
+    return f"{PREFIX}/{family}/{_layer_part(layer)}/{_view_part(view)}"
 
 
 def image_tag(kind: str, layer: str, view: str) -> str:
     """Tag of one image series, e.g. ``image_tag("gradcam", "layer4", probe_view(0))``."""
-    if kind not in IMAGE_KINDS:
-        raise ValueError(f"{kind!r} is not an image kind; expected one of {IMAGE_KINDS}")
-    return _tag(kind, layer, view)
+    return _tag(check_kind_name(kind), layer, view)
+
+
+def metric_tag(kind: str, layer: str, name: str) -> str:
+    """Tag of a scalar a kind logs: ``cnnvis/metrics/<kind>/<layer>/<name>`` (the Scalars tab groups by prefix)."""
+    return f"{PREFIX}/metrics/{check_kind_name(kind)}/{_layer_part(layer)}/{_view_part(name)}"
 
 
 def histogram_tag(parameter: str, view: str = "weight") -> str:
@@ -92,6 +136,39 @@ def text_tag(layer: str, view: str) -> str:
     return _tag("summary", layer, view)
 
 
+#: Where the logger writes the kinds table of a run (``add_text`` appends ``/text_summary``).
+KINDS_TABLE_TAG = _tag("summary", "model", "kinds")
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def kinds_table(kinds: list[tuple[str, str, str]]) -> str:
+    """The kinds table: a Markdown table, one row ``| name | label | details |`` per kind, in the tab's order."""
+    rows = ["| kind | label | details |", "| --- | --- | --- |"]
+    rows += [f"| {check_kind_name(name)} | {_cell(label)} | {_cell(details)} |" for name, label, details in kinds]
+    return "\n".join(rows)
+
+
+_UNESCAPED_BAR = re.compile(r"(?<!\\)((?:\\\\)*)\|")
+
+
+def _split_row(line: str) -> list[str]:
+    parts = _UNESCAPED_BAR.sub(lambda m: m.group(1) + "\0", line.strip()).split("\0")
+    return [p.strip().replace("\\|", "|").replace("\\\\", "\\") for p in parts[1:-1]]
+
+
+def parse_kinds_table(text: str) -> list[KindInfo]:
+    """The kinds listed in a kinds table, in its order; rows that do not parse are skipped."""
+    found: list[KindInfo] = []
+    for line in text.splitlines()[2:]:
+        cells = _split_row(line)
+        if len(cells) >= 2 and is_kind_name(cells[0]) and cells[0] not in {k.name for k in found}:
+            found.append(KindInfo(cells[0], cells[1] or cells[0]))
+    return found
+
+
 def probe_view(index: int) -> str:
     """View name of probe image ``index`` (zero-padded so tags sort in probe order)."""
     if index < 0:
@@ -111,6 +188,6 @@ def parse_tag(tag: str) -> TagParts | None:
     if len(parts) != 4 or parts[0] != PREFIX:
         return None
     _, kind, layer, view = parts
-    if kind not in KINDS or not layer or not view:
+    if not (kind == "summary" or is_kind_name(kind)) or not layer or not view:
         return None
     return TagParts(kind, layer, view)

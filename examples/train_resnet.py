@@ -25,7 +25,7 @@ from torchvision import transforms
 from cnnvis_tb import VisLogger
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
-from cnnvis_tb.schedule import ALL_KINDS, DEFAULT_KINDS
+from cnnvis_tb.kinds import ALL_KINDS, DEFAULT_KINDS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -188,3 +188,19 @@ def test_train_shapes_demo_learns_and_logs(tmp_path, capsys):
     acc = read_events(tmp_path / "demo")
     assert [e.step for e in acc.Images("cnnvis/gradcam/features/probe_000")] == [0, 50, 100, 150, 200]
     assert "train/loss" in acc.Tags()["scalars"] and "test/accuracy" in acc.Tags()["scalars"]
+
+
+# ---------------------------------------------------------------------- custom_kind.py (a kind of the user's own)
+def test_custom_kind_example_logs_its_kind_beside_the_built_in_ones(tmp_path, capsys):
+    example = _load("custom_kind")
+    log_dir = example.main(["--logdir", str(tmp_path), "--steps", "20"])
+    acc = read_events(log_dir)
+    layers = [t.split("/")[2] for t in acc.Tags()["images"] if t.startswith("cnnvis/channel_means/")]
+    assert layers, "the custom kind logged no picture"
+    steps = [e.step for e in acc.Images(f"cnnvis/channel_means/{layers[0]}/all")]
+    assert steps == [0, 5, 10, 15, 20]
+    strip = decode_png(acc.Images(f"cnnvis/channel_means/{layers[0]}/all")[-1].encoded_image_string)
+    assert strip.shape[0] == 8 * 8  # one 8-pixel row per probe image
+    assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"gradcam", "features", "channel_means"}
+    assert f"cnnvis/metrics/channel_means/{layers[0]}/dead_fraction" in acc.Tags()["scalars"]
+    assert "Channel means" in capsys.readouterr().out

@@ -90,13 +90,13 @@ def test_probe_follows_the_model_to_another_dtype_and_device(tmp_path):
 
 
 def test_out_of_memory_inside_a_visual(tmp_path, monkeypatch):
-    import cnnvis_tb.logger as logger_module
+    from cnnvis_tb.kinds import actmax as actmax_module
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     vis = _vis(tmp_path)
-    monkeypatch.setattr(logger_module, "optimize_channels", oom)
+    monkeypatch.setattr(actmax_module, "optimize_channels", oom)
     messages = _run(vis, range(3))
     vis.close()
     assert len(messages) == 1 and "actmax" in messages[0] and "OutOfMemoryError" in messages[0]

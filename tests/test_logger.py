@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cnnvis_tb import VisLogger, kernel_grid
 from cnnvis_tb.demo import ShapesDataset
-from cnnvis_tb.schedule import ALL_KINDS
+from cnnvis_tb.kinds import ALL_KINDS
 
 
 def _logger(tmp_path, model=None, **kwargs):
@@ -72,7 +72,7 @@ def test_gradient_histograms_when_grads_exist(tmp_path):
 
 def test_schedule_per_kind_and_step_zero(tmp_path):
     with _logger(tmp_path, every={"kernels": 2, "gradcam": 3, "histograms": 5, "features": 4, "actmax": 6}) as vis:
-        assert vis.due(0) == ("kernels", "features", "gradcam", "histograms")  # actmax starts at its interval
+        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms")  # actmax starts at its interval
         for step in range(7):
             vis.step(step)
             vis.step(step)  # a second call at the same step (gradient accumulation) logs nothing more
@@ -265,7 +265,7 @@ def test_layer_table_follows_the_model_dtype():
 
 def test_schedule_starts_activation_maximization_at_its_interval(tmp_path):
     with _logger(tmp_path) as vis:  # the default schedule
-        assert vis.due(0) == ("kernels", "features", "gradcam", "histograms")
+        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms")
         assert "actmax" not in vis.due(200) and vis.due(1000) == vis.kinds
     with _logger(tmp_path / "every", every={"actmax": 3}, kinds=["actmax", "kernels"]) as vis:
         logged = [s for s in range(7) if vis.step(s)]
@@ -318,16 +318,16 @@ def test_saliency_method_errors_are_raised_in_the_constructor(tmp_path):
 def test_a_failing_saliency_method_leaves_the_others_and_warns_once(tmp_path, monkeypatch):
     import pytest
 
-    from cnnvis_tb import logger as logger_module
+    from cnnvis_tb.kinds import saliency as saliency_module
 
-    real = logger_module.input_gradients
+    real = saliency_module.input_gradients
 
     def flaky(net, images, targets, method, **kwargs):
         if method == "guided":
             raise RuntimeError("out of memory (simulated)")
         return real(net, images, targets, method, **kwargs)
 
-    monkeypatch.setattr(logger_module, "input_gradients", flaky)
+    monkeypatch.setattr(saliency_module, "input_gradients", flaky)
     with _logger(tmp_path, kinds=["saliency", "histograms"], saliency_methods=("vanilla", "guided", "smoothgrad"),
                  strict=False) as vis:
         with pytest.warns(RuntimeWarning, match=r"the saliency \(guided\) visual failed at step 0.*simulated") as rec:

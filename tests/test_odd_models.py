@@ -8,7 +8,7 @@ from _models import TinyCNN, image_at, make_batch, read_events
 from torch import nn
 
 from cnnvis_tb import VisLogger, feature_maps, grad_cam
-from cnnvis_tb.schedule import ALL_KINDS
+from cnnvis_tb.kinds import ALL_KINDS
 
 
 class DictOut(nn.Module):

@@ -2,7 +2,8 @@
 
 Events are written with the stock ``SummaryWriter.add_image`` under the tag scheme of
 ``cnnvis_tb.tags``; every image has one colour that encodes its run, step and tag, so an answer can
-be traced back to what was written.
+be traced back to what was written. Kinds tables (``SummaryWriter.add_text`` of ``tags.kinds_table``)
+label and order the kinds, a user's own kind (``channel_means``) among them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_ingester, data_provider, plugin_event_multiplexer
+from tensorboard.context import RequestContext
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.core import core_plugin
 from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +33,7 @@ from werkzeug import test as werkzeug_test
 from werkzeug import wrappers
 
 from cnnvis_tb import tags
-from cnnvis_tb.plugin import cnnvis_plugin, metadata
+from cnnvis_tb.plugin import cnnvis_plugin, images, index, metadata
 from cnnvis_tb.plugin.loader import CnnVisLoader
 
 ROUTE = "/data/plugin/cnnvis"
@@ -42,7 +44,20 @@ FEATURES_3 = tags.image_tag("features", "features.3", tags.probe_view(0))
 FEATURES_10 = tags.image_tag("features", "features.10", tags.probe_view(0))
 KERNELS = tags.image_tag("kernels", "conv1", "grid")
 ACTMAX = tags.image_tag("actmax", "features.3", "channels")
-IMAGE_TAGS = (GRADCAM_1, FEATURES_10, KERNELS, GRADCAM_0, ACTMAX, FEATURES_3)  # written out of order
+#: A user's own kind: the plugin knows it only from the data.
+CHANNEL_MEANS = tags.image_tag("channel_means", "features.3", tags.probe_view(0))
+IMAGE_TAGS = (GRADCAM_1, FEATURES_10, KERNELS, GRADCAM_0, ACTMAX, FEATURES_3, CHANNEL_MEANS)  # written out of order
+#: The kinds tables of run_a and run_b. run_a comes first (natural run order): its labels and order win;
+#: run_b adds kernels after them; no table lists actmax, which keeps its name and comes last.
+KINDS_TABLE_A = tags.kinds_table(
+    [
+        ("channel_means", "Channel means", "mean of each channel"),
+        ("gradcam", "Grad-CAM", ""),
+        ("features", "Feature maps", ""),
+        ("histograms", "Histograms", "listed, but holds no image: not in /index"),
+    ]
+)
+KINDS_TABLE_B = tags.kinds_table([("kernels", "Kernels", ""), ("gradcam", "Not this label", "run_a labels it first")])
 #: 25 logged steps: TensorBoard's default keeps 10 image steps per tag.
 STEPS = tuple(range(0, 50, 2))
 FULL_RUNS = ("run_a", "run_b")
@@ -68,8 +83,9 @@ def written_png(run: str, step: int, tag: str) -> bytes:
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("logs")
-    for run in FULL_RUNS:
+    for run, table in zip(FULL_RUNS, (KINDS_TABLE_A, KINDS_TABLE_B), strict=True):
         with SummaryWriter(root / run) as writer:
+            writer.add_text(tags.KINDS_TABLE_TAG, table, 0)
             for step in STEPS:
                 for tag in IMAGE_TAGS:
                     writer.add_image(tag, picture(run, step, tag), step)
@@ -145,7 +161,18 @@ def test_index_lists_runs_kinds_layers_and_views(client):
         "runs": ["run_a", "run_b", "run_c"],
         "kinds": [
             {
+                "kind": "channel_means",
+                "label": "Channel means",
+                "layers": [
+                    {
+                        "layer": "features.3",
+                        "views": [{"view": "probe_000", "probe": 0, "tag": CHANNEL_MEANS, "runs": everyone}],
+                    }
+                ],
+            },
+            {
                 "kind": "gradcam",
+                "label": "Grad-CAM",
                 "layers": [
                     {
                         "layer": "layer4",
@@ -158,6 +185,7 @@ def test_index_lists_runs_kinds_layers_and_views(client):
             },
             {
                 "kind": "features",
+                "label": "Feature maps",
                 "layers": [  # natural order: features.3 before features.10
                     {
                         "layer": "features.3",
@@ -171,12 +199,14 @@ def test_index_lists_runs_kinds_layers_and_views(client):
             },
             {
                 "kind": "kernels",
+                "label": "Kernels",
                 "layers": [
                     {"layer": "conv1", "views": [{"view": "grid", "probe": None, "tag": KERNELS, "runs": everyone}]}
                 ],
             },
             {
                 "kind": "actmax",
+                "label": "actmax",  # no table lists it: its name
                 "layers": [
                     {
                         "layer": "features.3",
@@ -235,8 +265,8 @@ def test_steps_are_read_once_and_again_when_new_steps_arrive(tmp_path, monkeypat
     assert len(reads) == 2
 
 
-def test_steps_cache_keeps_the_latest_version_of_the_most_recent_keys():
-    cache = cnnvis_plugin.StepsCache(2)
+def test_versioned_cache_keeps_the_latest_version_of_the_most_recent_keys():
+    cache = images.VersionedCache(2)
     cache.put("a", 1, "answer a1")
     cache.put("b", 1, "answer b1")
     assert cache.get("a", 1) == "answer a1"  # a is now the most recent
@@ -245,6 +275,151 @@ def test_steps_cache_keeps_the_latest_version_of_the_most_recent_keys():
     assert (cache.get("a", 1), cache.get("b", 1), cache.get("c", 1)) == ("answer a1", None, "answer c1")
     cache.put("a", 2, "answer a2")
     assert (cache.get("a", 1), cache.get("a", 2)) == (None, "answer a2")
+    assert len(cache) == 2
+
+
+def get_image(client: werkzeug_test.Client, run: str, tag: str, step: int) -> bytes:
+    response = client.get(f"{ROUTE}/image", query_string={"run": run, "tag": tag, "step": str(step)})
+    assert (response.status_code, response.mimetype) == (200, "image/png"), response.get_data(as_text=True)
+    return response.get_data()
+
+
+def count_series_reads(served: Served, monkeypatch) -> list[object]:
+    """Wraps the data provider's ``read_blob_sequences``: the list grows by the run filter of each call."""
+    reads: list[object] = []
+    provider = served.plugin._data_provider
+    read = provider.read_blob_sequences
+
+    def counted(*args, **kwargs):
+        run_tag_filter = kwargs.get("run_tag_filter")
+        reads.append(sorted(run_tag_filter.runs) if run_tag_filter and run_tag_filter.runs else None)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(provider, "read_blob_sequences", counted)
+    return reads
+
+
+def reload(served: Served, logdir: Path) -> None:
+    """What TensorBoard's reload thread does: pick up new files and new records."""
+    served.multiplexer.AddRunsFromDirectory(str(logdir))
+    served.multiplexer.Reload()
+
+
+def served_by_tensorboard(logdir: Path, run: str, tag: str, step: int) -> bytes:
+    """The image a fresh TensorBoard data provider serves for ``(run, tag, step)``, read on its own."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"images": metadata.ALL_STEPS})
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    reader = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    ctx = RequestContext()
+    series = reader.read_blob_sequences(ctx, experiment_id="", plugin_name="images", downsample=metadata.ALL_STEPS)
+    (datum,) = [d for d in series[run][tag] if d.step == step]
+    return reader.read_blob(ctx, blob_key=datum.values[2].blob_key)
+
+
+def test_image_reads_its_series_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    for run in FULL_RUNS:
+        with SummaryWriter(tmp_path / run) as writer:
+            for step in (0, 2):
+                writer.add_image(GRADCAM_0, picture(run, step, GRADCAM_0), step)
+    served = serve(tmp_path)
+    reads = count_series_reads(served, monkeypatch)
+
+    for step in (0, 2, 0, 2):
+        assert get_image(served.client, "run_a", GRADCAM_0, step) == written_png("run_a", step, GRADCAM_0)
+    assert reads == [["run_a"]], "one read of run_a's series, then the cached step -> blob key map"
+    missing = served.client.get(f"{ROUTE}/image", query_string={"run": "run_a", "tag": GRADCAM_0, "step": "4"})
+    assert missing.status_code == 404 and "step 4" in error_of(missing)
+    assert reads == [["run_a"]]
+
+    # A new step: the listing's newest step moves, the map is read again, once.
+    with SummaryWriter(tmp_path / "run_a") as writer:
+        writer.add_image(GRADCAM_0, picture("run_a", 4, GRADCAM_0), 4)
+    reload(served, tmp_path)
+    for step in (4, 0, 4):
+        assert get_image(served.client, "run_a", GRADCAM_0, step) == written_png("run_a", step, GRADCAM_0)
+    assert reads == [["run_a"], ["run_a"]]
+
+    # A rewritten step (a restarted run logs step 2 again): the newest wall time moves. The image is
+    # the one TensorBoard itself serves for that step.
+    with SummaryWriter(tmp_path / "run_a", filename_suffix=".restart") as writer:
+        writer.add_image(GRADCAM_0, np.full((3, HEIGHT, WIDTH), 7, np.uint8), 2)
+    reload(served, tmp_path)
+    assert get_image(served.client, "run_a", GRADCAM_0, 2) == served_by_tensorboard(tmp_path, "run_a", GRADCAM_0, 2)
+    assert reads == [["run_a"], ["run_a"], ["run_a"]]
+
+    # /steps reads every run's series at once; what it found serves the images that follow.
+    assert [r["steps"] for r in get_json(served.client, "steps", tag=GRADCAM_0)["runs"]] == [[0, 2, 4], [0, 2]]
+    assert reads[3:] == [None]
+    for run, step in (("run_b", 0), ("run_b", 2), ("run_a", 4)):
+        assert get_image(served.client, run, GRADCAM_0, step) == written_png(run, step, GRADCAM_0)
+    assert reads[4:] == []
+
+
+def test_image_cache_is_bounded(tmp_path, monkeypatch):
+    """With room for one series, alternating between two runs reads each time: the oldest map goes."""
+    for run in FULL_RUNS:
+        with SummaryWriter(tmp_path / run) as writer:
+            writer.add_image(GRADCAM_0, picture(run, 0, GRADCAM_0), 0)
+    monkeypatch.setattr(images, "IMAGE_CACHE_SERIES", 1)
+    served = serve(tmp_path)
+    reads = count_series_reads(served, monkeypatch)
+    for run in ("run_a", "run_a", "run_b", "run_b", "run_a"):
+        assert get_image(served.client, run, GRADCAM_0, 0) == written_png(run, 0, GRADCAM_0)
+    assert reads == [["run_a"], ["run_b"], ["run_a"]]
+
+
+def test_kinds_take_label_and_order_from_the_first_run_whose_table_lists_them(tmp_path):
+    """run_9 comes before run_10 (natural order), and only a run's latest table counts."""
+    kinds = ("channel_means", "beta", "zeta", "alpha", "kind10", "kind9")
+    tables = {
+        "run_9": [
+            (0, [("beta", "Old beta", "replaced by the table of step 3")]),
+            (3, [("channel_means", "Channel means", ""), ("beta", "Beta", "")]),
+        ],
+        "run_10": [(0, [("zeta", "Zeta, from run_10", ""), ("channel_means", "Means, from run_10", "")])],
+    }
+    for run, written in tables.items():
+        with SummaryWriter(tmp_path / run) as writer:
+            for step, table in written:
+                writer.add_text(tags.KINDS_TABLE_TAG, tags.kinds_table(table), step)
+            for kind in kinds:
+                writer.add_image(tags.image_tag(kind, "conv1", "grid"), np.zeros((3, 2, 2), np.uint8), 0)
+    with SummaryWriter(tmp_path / "run_9" / "other_text") as writer:  # text beside the table changes nothing
+        writer.add_text(tags.text_tag("model", "layers"), "| layer |\n| --- |\n| alpha |", 0)
+    answer = get_json(serve(tmp_path).client, "index")
+    assert [(k["kind"], k["label"]) for k in answer["kinds"]] == [
+        ("channel_means", "Channel means"),
+        ("beta", "Beta"),
+        ("zeta", "Zeta, from run_10"),
+        ("alpha", "alpha"),  # the kinds no table lists, by (natural) name
+        ("kind9", "kind9"),
+        ("kind10", "kind10"),
+    ]
+    assert answer["runs"] == ["run_9", "run_10"]
+
+
+def test_index_without_kinds_tables_lists_kinds_by_name_labelled_by_name(tmp_path):
+    with SummaryWriter(tmp_path / "old_run") as writer:
+        for kind in ("saliency", "gradcam", "features"):
+            writer.add_image(tags.image_tag(kind, "conv1", "grid"), np.zeros((3, 2, 2), np.uint8), 0)
+    answer = get_json(serve(tmp_path).client, "index")
+    assert [(k["kind"], k["label"]) for k in answer["kinds"]] == [
+        ("features", "features"),
+        ("gradcam", "gradcam"),
+        ("saliency", "saliency"),
+    ]
+
+
+def test_kind_labels_are_cut_and_blank_ones_fall_back_to_the_name():
+    long_label = "x" * 500
+    ordered = index.kind_order(
+        ["a", "b", "c"],
+        {"run": [tags.KindInfo("a", long_label), tags.KindInfo("b", "  \t "), tags.KindInfo("c", " C\n c ")]},
+    )
+    assert [info.name for info in ordered] == ["a", "b", "c"]
+    assert ordered[0].label == "x" * (index.MAX_LABEL_CHARS - 1) + "…"
+    assert [info.label for info in ordered[1:]] == ["b", "C c"]
 
 
 def test_an_explicit_samples_per_plugin_wins(logdir):
@@ -261,7 +436,7 @@ def test_loader_defaults_images_to_all_steps(logdir):
 
 
 @pytest.mark.parametrize("run", ["run_a", "run_b"])
-@pytest.mark.parametrize("tag", [GRADCAM_0, FEATURES_10, KERNELS])
+@pytest.mark.parametrize("tag", [GRADCAM_0, FEATURES_10, KERNELS, CHANNEL_MEANS])
 @pytest.mark.parametrize("step", [STEPS[0], STEPS[7], STEPS[-1]])
 def test_image_is_the_png_that_was_written(client, run, tag, step):
     response = client.get(f"{ROUTE}/image", query_string={"run": run, "tag": tag, "step": str(step)})
@@ -282,7 +457,11 @@ def test_text_returns_the_latest_cnnvis_summaries_only(client):
         ("cnnvis/summary/model/layers/text_summary", 0)  # SummaryWriter.add_text appends /text_summary
     ]
     assert "| conv1 | Conv2d |" in answer["texts"][0]["text"]
-    assert get_json(client, "text", run="run_a") == {"run": "run_a", "texts": []}
+    assert get_json(client, "text", run="run_a") == {
+        "run": "run_a",
+        "texts": [{"tag": "cnnvis/summary/model/kinds/text_summary", "step": 0, "text": KINDS_TABLE_A}],
+    }
+    assert get_json(client, "text", run="unrelated") == {"run": "unrelated", "texts": []}
 
 
 def error_of(response) -> str:
@@ -330,12 +509,20 @@ BAD_IMAGE_QUERIES = [
     ({"tag": "..%2F..%2Fetc%2Fpasswd"}, 400),
     ({"tag": "photos/cat"}, 400),
     ({"tag": "cnnvis/gradcam/layer4"}, 400),
-    ({"tag": "cnnvis/histograms/conv1/weight"}, 400),
     ({"tag": "cnnvis/summary/model/layers"}, 400),
-    ({"tag": "cnnvis/nope/layer4/probe_000"}, 400),
+    ({"tag": "cnnvis/summary/model/kinds"}, 400),
+    ({"tag": "cnnvis/metrics/gradcam/layer4/energy"}, 400),
+    ({"tag": "cnnvis/-kind/layer4/probe_000"}, 400),
+    ({"tag": "cnnvis/my kind/layer4/probe_000"}, 400),
+    ({"tag": "cnnvis/<b>/layer4/probe_000"}, 400),
+    ({"tag": "cnnvis//layer4/probe_000"}, 400),
+    ({"tag": f"cnnvis/{'k' * 65}/layer4/probe_000"}, 400),
     ({"tag": "t" * 5000}, 400),
-    # well-formed cnnvis tags that hold nothing
+    # well-formed cnnvis tags that hold nothing: any kind name may hold images, none is refused by name
     ({"tag": "cnnvis/gradcam/layer9/probe_000"}, 404),
+    ({"tag": "cnnvis/nope/layer4/probe_000"}, 404),
+    ({"tag": f"cnnvis/{'k' * 64}/layer4/probe_000"}, 404),
+    ({"tag": "cnnvis/histograms/conv1/weight"}, 404),  # a histogram, not an image
     ({"tag": "cnnvis/gradcam/../../../etc/passwd"}, 404),
 ]
 
@@ -422,6 +609,26 @@ def test_static_files_come_from_the_whitelist(client):
         assert response.get_data() == frontend.joinpath(filename).read_bytes()
 
 
+def test_index_js_only_exports_render():
+    """TensorBoard calls ``render()``; the tab itself lives in the modules index.js imports."""
+    source = importlib.resources.files("cnnvis_tb.frontend").joinpath("index.js").read_text()
+    exports = [line for line in source.splitlines() if line.startswith("export")]
+    assert exports == ["export async function render() {"]
+
+
+def test_no_kind_is_hard_coded_in_the_plugin():
+    """Kinds, labels and their order come from the data (``/index``): neither side names a built-in kind."""
+    frontend = importlib.resources.files("cnnvis_tb.frontend")
+    sources = {name: frontend.joinpath(name).read_text() for name, _ in cnnvis_plugin.STATIC_FILES.values()}
+    plugin_dir = Path(cnnvis_plugin.__file__).parent
+    sources |= {path.name: path.read_text() for path in plugin_dir.glob("*.py")}
+    for name, source in sources.items():
+        for word in ("KIND_LABELS", "Grad-CAM", "Feature maps", "Activation max", "IMAGE_KINDS"):
+            assert word not in source, f"{name} names {word!r}"
+        for kind in ("gradcam", "features", "kernels", "actmax", "saliency"):
+            assert f'"{kind}"' not in source and f"'{kind}'" not in source, f"{name} names the kind {kind!r}"
+
+
 def test_es_module_imports_only_whitelisted_files():
     """Every relative import of the frontend resolves to a served route (a typo would break the tab)."""
     frontend = importlib.resources.files("cnnvis_tb.frontend")
@@ -459,7 +666,7 @@ def test_plugin_metadata_and_activity(logdir, tmp_path):
 
 def test_vislogger_output_reads_back_through_the_plugin(tmp_path):
     import torch
-    from _models import TinyCNN, make_batch
+    from _models import TinyCNN, make_batch, read_events
 
     from cnnvis_tb import VisLogger
 
@@ -474,8 +681,21 @@ def test_vislogger_output_reads_back_through_the_plugin(tmp_path):
     client = serve(tmp_path).client
     index = get_json(client, "index")
     assert index["runs"] == ["tiny"]
-    assert [k["kind"] for k in index["kinds"]] == ["gradcam", "kernels"]
-    gradcam_views = index["kinds"][0]["layers"][0]["views"]
+    # Order and labels as the run's kinds table (read back by TensorBoard's own loader) says, when the
+    # logger writes one; by name otherwise.
+    events = read_events(tmp_path / "tiny")
+    table_tag = metadata.KINDS_TABLE_TAGS[0]
+    table = (
+        tags.parse_kinds_table(events.Tensors(table_tag)[-1].tensor_proto.string_val[0].decode())
+        if table_tag in events.Tags()["tensors"]
+        else []
+    )
+    listed = [info for info in table if info.name in ("gradcam", "kernels")]
+    expected = listed + [
+        tags.KindInfo(name, name) for name in ("gradcam", "kernels") if name not in {i.name for i in listed}
+    ]
+    assert [(k["kind"], k["label"]) for k in index["kinds"]] == [tuple(info) for info in expected]
+    gradcam_views = next(k for k in index["kinds"] if k["kind"] == "gradcam")["layers"][0]["views"]
     assert [v["probe"] for v in gradcam_views] == [0, 1]
     tag = gradcam_views[1]["tag"]
     answer = get_json(client, "steps", tag=tag)
@@ -486,20 +706,25 @@ def test_vislogger_output_reads_back_through_the_plugin(tmp_path):
 
 
 def test_plugin_side_imports_no_torch(logdir):
-    """TensorBoard loads the plugin (and serves a request) without importing torch or torchvision."""
+    """TensorBoard loads the plugin and serves every route without importing torch or torchvision."""
     script = f"""
 import sys
 from cnnvis_tb.plugin.loader import CnnVisLoader
+from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
-from tensorboard import context
+from werkzeug import test, wrappers
 multiplexer = plugin_event_multiplexer.EventMultiplexer()
 multiplexer.AddRunsFromDirectory({str(logdir)!r})
 multiplexer.Reload()
 provider = data_provider.MultiplexerDataProvider(multiplexer, {str(logdir)!r})
 plugin = CnnVisLoader().load(base_plugin.TBContext(data_provider=provider))
 assert plugin.is_active()
-plugin.get_plugin_apps()
+client = test.Client(application.TensorBoardWSGI([plugin]), wrappers.Response)
+for query in ("index", "steps?tag={CHANNEL_MEANS}", "image?run=run_a&tag={CHANNEL_MEANS}&step=0", "text?run=run_a", "index.js"):
+    response = client.get("{ROUTE}/" + query)
+    assert response.status_code == 200, (query, response.get_data())
+assert "Channel means" in client.get("{ROUTE}/index").get_data(as_text=True)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
 """
     result = subprocess.run(
@@ -509,5 +734,5 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
     }
-    assert "cnnvis_tb.plugin.cnnvis_plugin" in imported
+    assert {f"cnnvis_tb.plugin.{name}" for name in ("cnnvis_plugin", "args", "images", "index", "texts")} <= imported
     assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision")}

@@ -1,4 +1,5 @@
-"""The "CNN Vis" tab in Chromium (through Playwright), on a real TensorBoard over the demo's runs.
+"""The "CNN Vis" tab in Chromium (through Playwright), on a real TensorBoard over the demo's runs,
+and over runs of a user's own kind written here with ``SummaryWriter`` (labelled by a kinds table).
 
 Skipped when Playwright or /usr/bin/chromium is missing, except under ``CI=true`` where that fails.
 Every test also checks that the page logged no console error and opened no dialog.
@@ -12,7 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from cnnvis_tb import tags
 
 VIEWPORT = {"width": 1400, "height": 900}
 #: A run whose name is markup: it must show as text and run nothing.
@@ -45,6 +50,49 @@ SLOTS_ON_SCREEN = """() => {
     }
     return {onScreen, total: slots.length};
 }"""
+
+
+#: A user's own kind, its label in the kinds table, and what the custom logdir holds.
+CUSTOM_KIND, CUSTOM_LABEL, CUSTOM_LAYER = "channel_means", "Channel means", "features.3"
+CUSTOM_RUNS, CUSTOM_STEPS = ["custom_a", "custom_b"], [0, 5, 10]
+#: The kinds of the custom logdir as the tab must list them: the table's two, then one no table lists.
+CUSTOM_BUTTONS = [CUSTOM_LABEL, "Grad-CAM", "zeta_kind"]
+CUSTOM_SIZE = (12, 8)  #: width, height
+#: [r, g, b] of the top left pixel of every image in the grid, read back by the page through a canvas.
+GRID_PIXELS = """() => [...document.querySelectorAll('.cv-grid .cv-thumb img')].map((image) => {
+    const canvas = document.createElement('canvas');
+    [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+    const context = canvas.getContext('2d');
+    context.drawImage(image, 0, 0);
+    return {run: image.parentElement.dataset.run, step: Number(image.parentElement.dataset.step), src: image.src,
+            size: [image.naturalWidth, image.naturalHeight], rgb: [...context.getImageData(0, 0, 1, 1).data.slice(0, 3)]};
+})"""
+
+
+def custom_colour(run: str, step: int) -> list[int]:
+    return [10 + 100 * CUSTOM_RUNS.index(run), 20 * step, 200]
+
+
+@pytest.fixture(scope="module")
+def custom_server(browser, start_tensorboard, wait_for_json, tmp_path_factory) -> str:
+    """TensorBoard over two runs of a user's kind (plus gradcam and a kind no table lists), with kinds tables."""
+    logdir = tmp_path_factory.mktemp("custom_kind")
+    table = tags.kinds_table([(CUSTOM_KIND, CUSTOM_LABEL, "mean of each channel"), ("gradcam", "Grad-CAM", "")])
+    width, height = CUSTOM_SIZE
+    for run in CUSTOM_RUNS:
+        with SummaryWriter(logdir / run) as writer:
+            writer.add_text(tags.KINDS_TABLE_TAG, table, 0)
+            for step in CUSTOM_STEPS:
+                image = np.empty((3, height, width), np.uint8)
+                image[:] = np.array(custom_colour(run, step), np.uint8)[:, None, None]
+                for kind in (CUSTOM_KIND, "gradcam", "zeta_kind"):
+                    writer.add_image(tags.image_tag(kind, CUSTOM_LAYER, tags.probe_view(0)), image, step)
+    url = start_tensorboard(logdir, plugin="cnnvis").url
+    wait_for_json(
+        f"{url}/data/plugin/cnnvis/index",
+        lambda index: every_view_lists(index, CUSTOM_RUNS) and [k["label"] for k in index["kinds"]] == CUSTOM_BUTTONS,
+    )
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +326,37 @@ def test_loading_empty_and_error_states(open_tab):
     # The one error logged is the 503 this test served on purpose; nothing else may appear.
     assert [e for e in tab.console_errors if "503" not in e] == []
     tab.console_errors.clear()
+
+
+def test_a_users_kind_shows_with_its_label_and_its_images(open_tab, custom_server):
+    tab = open_tab(server=custom_server)
+    frame = tab.frame
+    # The kinds table orders and labels the buttons; the first kind is the one shown.
+    assert frame.locator(".cv-segmented button").all_text_contents() == CUSTOM_BUTTONS
+    assert frame.locator(f"button[data-kind='{CUSTOM_KIND}']").get_attribute("aria-pressed") == "true"
+    assert frame.locator(".cv-card-title").first.text_content() == f"{CUSTOM_LABEL} · {CUSTOM_LAYER} · probe image 0"
+    assert tab.row_runs() == CUSTOM_RUNS
+    # Every cell of the grid holds the image written for its run and step.
+    pixels = frame.evaluate(GRID_PIXELS)
+    assert sorted((p["run"], p["step"]) for p in pixels) == [(r, s) for r in CUSTOM_RUNS for s in CUSTOM_STEPS]
+    for pixel in pixels:
+        assert (
+            f"tag={urllib.parse.quote(tags.image_tag(CUSTOM_KIND, CUSTOM_LAYER, 'probe_000'), safe='')}" in pixel["src"]
+        )
+        assert pixel["size"] == list(CUSTOM_SIZE)
+        assert pixel["rgb"] == custom_colour(pixel["run"], pixel["step"]), pixel
+    # The enlarged view names the kind by its label.
+    frame.locator(".cv-grid .cv-thumb[data-run='custom_b'][data-step='5']").click()
+    assert (
+        frame.locator(".cv-lightbox-details").text_content()
+        == f"{CUSTOM_LABEL} · {CUSTOM_LAYER} · probe image 0 · step 5"
+    )
+    frame.locator(".cv-lightbox").press("Escape")
+    # A kind no table lists is named by its name, and kept in the URL like any other.
+    frame.click("button[data-kind='zeta_kind']")
+    frame.wait_for_function("() => document.querySelector('.cv-card-title').textContent.startsWith('zeta_kind · ')")
+    tab.wait_for_url_part("p.cnnvis.kind=zeta_kind")
+    frame.wait_for_function(ALL_IMAGES_SETTLED)
 
 
 def test_screenshot_of_two_runs_across_steps(open_tab, demo_server):

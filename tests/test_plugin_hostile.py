@@ -7,7 +7,10 @@ class names are markup, holds:
 * ``"><svg onload=alert(1)>``: a copy of the good events file under a run name that is markup;
 * ``truncated``: the good file cut at 60 % of its bytes, amid a record;
 * ``flipped``: the good file with 64 random bytes amid the PNG of the first image past its middle;
-* ``garbage`` and ``empty``: nothing but a garbage file, nothing but an empty events file.
+* ``garbage`` and ``empty``: nothing but a garbage file, nothing but an empty events file;
+* ``!kinds``: no image, only a kinds table (first in run order, so it labels the kinds) with markup in
+  its labels, an escaped and an unescaped ``|``, a label far too long for a button and rows that do
+  not parse.
 
 Its routes are read in process (WSGI over TensorBoard's Python data provider) and from the real
 ``tensorboard`` program with both loaders; the tab is driven in Chromium on both servers, and on a
@@ -49,6 +52,7 @@ from test_plugin_backend import ROUTE, serve
 from test_plugin_browser import ALL_IMAGES_SETTLED, FRAME, VIEWPORT, Tab
 from test_plugin_server import fetch, plugin_url
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from cnnvis_tb import VisLogger, tags
 
@@ -64,6 +68,33 @@ GOOD, TRUNCATED, FLIPPED = "good", "truncated", "flipped"
 IMAGE_RUNS = sorted([SVG_RUN, GOOD, TRUNCATED, FLIPPED])
 LOGGED_STEPS = [0, 1, 2]
 LOADERS = ("rust data server", "--load_fast=false")
+#: A run holding only a kinds table; "!" sorts before every other run name here, so its labels win.
+LABELS_RUN = "!kinds"
+MARKUP_LABEL = "<img src=x onerror=alert(3)>"
+BAR_LABEL = "Feature | maps & <b>more</b>"
+LONG_LABEL = "<i>" * 1000
+HOSTILE_KINDS_TABLE = "\n".join(
+    [
+        # Written as the logger writes it: the '|' in BAR_LABEL is escaped.
+        tags.kinds_table([("gradcam", MARKUP_LABEL, "markup in a label"), ("features", BAR_LABEL, "a bar")]),
+        # And by hand: rows that do not parse, or list a kind again, change nothing.
+        "| not a kind! | ignored | no kind has this name |",
+        "| metrics | reserved | not a kind |",
+        "| <script>alert(4)</script> | x | markup as a kind name |",
+        "| kernels |",
+        "no table row at all",
+        "| features | second label | a kind listed twice keeps its first label |",
+        "| kernels | raw | bar | an unescaped bar ends the label |",
+        f"| actmax | {LONG_LABEL} | a label too long for a button |",
+    ]
+)
+#: What /index makes of it: (kind, label), in the table's order.
+HOSTILE_KINDS = [
+    ("gradcam", MARKUP_LABEL),
+    ("features", BAR_LABEL),
+    ("kernels", "raw"),
+    ("actmax", LONG_LABEL[:79] + "…"),
+]
 #: Elements the tab creates inside <body>; markup parsed from data would add others (or an img with src=x).
 TAB_ELEMENTS = {
     "button", "details", "div", "figcaption", "figure", "h2", "header", "img", "input", "label", "li",
@@ -195,6 +226,8 @@ def hostile(tmp_path_factory) -> Hostile:
     for run, content in (("garbage", garbage), ("empty", b"")):
         (root / run).mkdir()
         (root / run / "events.out.tfevents.125.host").write_bytes(content)
+    with SummaryWriter(root / LABELS_RUN) as writer:
+        writer.add_text(tags.KINDS_TABLE_TAG, HOSTILE_KINDS_TABLE, 0)
 
     written = image_steps(data)
     truncated = image_steps(data[:cut])
@@ -204,6 +237,9 @@ def hostile(tmp_path_factory) -> Hostile:
     assert all(image_tag.split("/")[2] == LAYER_PART for image_tag in written)
     assert damaged.image.stop - damaged.image.start > 200, "the garbage must land inside the PNG"
     assert flipped_intact.get(damaged.tag), "the flipped run must keep earlier steps of the damaged tag"
+    assert {kind for kind, _ in HOSTILE_KINDS} == {tags.parse_tag(tag).kind for tag in written}, (
+        "the hostile table must label every kind the logger wrote"
+    )
     return Hostile(
         root=root,
         tags=sorted(written),
@@ -244,7 +280,7 @@ class Api:
 
 def every_view_lists_what_it_must(index: dict, hostile: Hostile) -> bool:
     """Whether TensorBoard has loaded all it can (it loads runs one by one)."""
-    if index["runs"] != IMAGE_RUNS:
+    if index["runs"] != IMAGE_RUNS or [(k["kind"], k["label"]) for k in index["kinds"]] != HOSTILE_KINDS:
         return False
     for view in (view for kind in index["kinds"] for layer in kind["layers"] for view in layer["views"]):
         least = {SVG_RUN, GOOD}
@@ -307,15 +343,26 @@ def test_index_and_text_return_markup_names_verbatim(api, hostile):
     for run in (GOOD, SVG_RUN, TRUNCATED):
         answer = api.json("text", run=run)
         assert answer["run"] == run
-        assert [(t["tag"], t["text"]) for t in answer["texts"]] == [
-            ("cnnvis/summary/model/layers/text_summary", hostile.layer_table)
-        ]
+        texts = {t["tag"]: t["text"] for t in answer["texts"]}
+        assert texts["cnnvis/summary/model/layers/text_summary"] == hostile.layer_table
+        assert all(tag.startswith("cnnvis/summary/") for tag in texts)
     assert f"| &nbsp;&nbsp;{LAYER} | Conv2d |" in hostile.layer_table
     # The class names are drawn into the Grad-CAM pictures only: no answer carries them as text.
     _, _, raw_index = api.get("index")
     _, _, raw_text = api.get("text", run=GOOD)
     for name in CLASS_NAMES:
         assert name not in raw_index.decode() and name not in raw_text.decode()
+
+
+def test_hostile_kinds_table_labels_the_kinds_as_text(api):
+    """Markup, bars and junk rows in a kinds table: /index still answers, each label a plain string."""
+    index = api.json("index")
+    assert index["runs"] == IMAGE_RUNS  # a run holding only a table shows no row
+    assert [(k["kind"], k["label"]) for k in index["kinds"]] == HOSTILE_KINDS
+    assert all(k["layers"] and k["layers"][0]["views"] for k in index["kinds"])
+    assert api.json("text", run=LABELS_RUN)["texts"] == [
+        {"tag": "cnnvis/summary/model/kinds/text_summary", "step": 0, "text": HOSTILE_KINDS_TABLE}
+    ]
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -456,6 +503,13 @@ def test_tab_shows_markup_as_text_and_the_readable_images(open_tab, servers, hos
     assert frame.locator("select[aria-label='Layer']").input_value() == LAYER_PART
     assert LAYER_PART in frame.locator(".cv-card-title").first.text_content()
     assert frame.locator("select[aria-label='Filmstrip run'] option").all_text_contents() == IMAGE_RUNS
+    # The kinds table's labels, markup and all, are the buttons' text (and their titles: long ones are cut).
+    buttons = frame.locator(".cv-segmented button")
+    assert buttons.all_text_contents() == [label for _, label in HOSTILE_KINDS]
+    assert buttons.evaluate_all("nodes => nodes.map((node) => node.title)") == [label for _, label in HOSTILE_KINDS]
+    assert frame.locator(f"button[data-kind='{kind}']").get_attribute("aria-pressed") == "true"
+    label = dict(HOSTILE_KINDS)[kind]
+    assert frame.locator(".cv-card-title").first.text_content().startswith(f"{label} · {LAYER_PART} · ")
     assert_nothing_injected(tab)
 
     # Every image loads but two kinds. With the Rust data server, those of SVG_RUN fail (a JSON 400),
@@ -488,7 +542,7 @@ def test_tab_shows_markup_as_text_and_the_readable_images(open_tab, servers, hos
     # The enlarged view names the run and the layer as text.
     frame.locator(f".cv-grid .cv-thumb[data-run='{GOOD}']").first.click()
     assert frame.locator(".cv-lightbox-run").text_content() == GOOD
-    assert LAYER_PART in frame.locator(".cv-lightbox-details").text_content()
+    assert frame.locator(".cv-lightbox-details").text_content().startswith(f"{label} · {LAYER_PART} · ")
     frame.locator(".cv-lightbox").press("Escape")
     assert_nothing_injected(tab)
 

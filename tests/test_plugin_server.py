@@ -1,7 +1,8 @@
 """The plugin inside a real ``tensorboard`` process, over HTTP.
 
 Both data loaders (the Rust data server, TensorBoard's default, and ``--load_fast=false``) serve the
-demo's runs plus a run of 15 logged steps, more than the 10 TensorBoard keeps by default.
+demo's runs plus a run of 15 logged steps, more than the 10 TensorBoard keeps by default, which also
+holds a user's own kind and a kinds table that labels it (and relabels saliency).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from cnnvis_tb import tags
 
 LONG_TAG = tags.image_tag("saliency", "input", tags.probe_view(0))
 LONG_STEPS = list(range(15))
+#: A user's own kind, logged by the long run at a few steps.
+CUSTOM_TAG = tags.image_tag("channel_means", "features.3", tags.probe_view(0))
+CUSTOM_STEPS = [0, 7, 14]
+#: The long run's kinds table; "long" comes before the demo runs, so its labels and order win.
+LONG_KINDS = [("channel_means", "Channel means"), ("saliency", "Saliency (long run)")]
 #: Steps the demo logs with the fixture's ``--steps 6 --every 3``: 0 and 3, and the final state at 6.
 DEMO_LOGGED_STEPS = [0, 3, 6]
 
@@ -52,8 +58,11 @@ def logdir(demo_logdir, tmp_path_factory) -> Path:
     for run in demo_logdir.iterdir():
         shutil.copytree(run, root / run.name)
     with SummaryWriter(root / "long") as writer:
+        writer.add_text(tags.KINDS_TABLE_TAG, tags.kinds_table([(kind, label, "") for kind, label in LONG_KINDS]), 0)
         for step in LONG_STEPS:
             writer.add_image(LONG_TAG, np.full((3, 5, 5), step * 10, np.uint8), step)
+            if step in CUSTOM_STEPS:
+                writer.add_image(CUSTOM_TAG, np.full((3, 4, 6), step, np.uint8), step)
     return root
 
 
@@ -63,10 +72,16 @@ def demo_runs(demo_logdir) -> list[str]:
 
 
 def fully_indexed(index: dict, demo_runs: list[str]) -> bool:
-    """Whether every run is listed and each demo view lists every demo run (runs load one by one)."""
+    """Whether every run is listed, each demo view lists every demo run and the long run's table is read.
+
+    TensorBoard loads runs one by one, in the background.
+    """
     views = [view for kind in index["kinds"] for layer in kind["layers"] for view in layer["views"]]
-    return index["runs"] == sorted(["long", *demo_runs]) and all(
-        view["runs"] == demo_runs for view in views if view["tag"] != LONG_TAG
+    labels = [(kind["kind"], kind["label"]) for kind in index["kinds"]]
+    return (
+        index["runs"] == sorted(["long", *demo_runs])
+        and all(view["runs"] == demo_runs for view in views if view["tag"] not in (LONG_TAG, CUSTOM_TAG))
+        and labels[: len(LONG_KINDS)] == LONG_KINDS
     )
 
 
@@ -102,6 +117,22 @@ def test_index_lists_the_runs_and_the_demo_kinds(server, demo_runs):
     ]
 
 
+def test_index_labels_a_users_kind_from_its_kinds_table(server):
+    """The kinds table, a text summary, reaches the plugin through either loader: labels and order from it."""
+    index = fetch_json(plugin_url(server, "index"))
+    assert [(kind["kind"], kind["label"]) for kind in index["kinds"]][: len(LONG_KINDS)] == LONG_KINDS
+    assert index["kinds"][0]["layers"] == [
+        {"layer": "features.3", "views": [{"view": "probe_000", "probe": 0, "tag": CUSTOM_TAG, "runs": ["long"]}]}
+    ]
+    assert all(isinstance(kind["label"], str) and kind["label"] for kind in index["kinds"])
+    answer = fetch_json(plugin_url(server, "steps", tag=CUSTOM_TAG))
+    assert answer == {"tag": CUSTOM_TAG, "width": 6, "height": 4, "runs": [{"run": "long", "steps": CUSTOM_STEPS}]}
+    status, media_type, body = fetch(plugin_url(server, "image", run="long", tag=CUSTOM_TAG, step="7"))
+    assert (status, media_type) == (200, "image/png"), body[:200]
+    image = Image.open(io.BytesIO(body)).convert("RGB")
+    assert image.size == (6, 4) and image.getpixel((0, 0)) == (7, 7, 7)
+
+
 def test_every_logged_step_is_served(server, demo_runs, wait_for_json):
     """All 15 steps of the long run, and every step the demo logged for every tag (once loaded)."""
     long_run = [{"run": "long", "steps": LONG_STEPS}]
@@ -114,9 +145,11 @@ def test_every_logged_step_is_served(server, demo_runs, wait_for_json):
         expected = [{"run": run, "steps": steps} for run in demo_runs]
         for layer in kind["layers"]:
             for view in layer["views"]:
-                if view["tag"] != LONG_TAG:
+                if view["tag"] not in (LONG_TAG, CUSTOM_TAG):
                     url = plugin_url(server, "steps", tag=view["tag"])
-                    wait_for_json(url, lambda answer, expected=expected: answer["runs"] == expected, timeout=30, settle=False)
+                    wait_for_json(
+                        url, lambda answer, expected=expected: answer["runs"] == expected, timeout=30, settle=False
+                    )
 
 
 def test_images_are_pngs_of_the_announced_size(server, demo_runs):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnvis_tb import VisLogger, grad_cam
-from cnnvis_tb.schedule import ALL_KINDS
+from cnnvis_tb.kinds import ALL_KINDS
 
 STEPS = 50
 
@@ -150,7 +150,7 @@ def test_flags_restored_when_a_visual_raises(tmp_path, monkeypatch, kind):
     def boom(*args, **kwargs):
         raise RuntimeError("visual exploded")
 
-    monkeypatch.setattr(vis, f"_log_{kind}", boom)
+    monkeypatch.setattr(vis.kind(kind), "log", boom)
     with pytest.raises(RuntimeError, match="visual exploded"):
         vis.step(1)  # every kind due
     assert _flags(model) == before_flags
@@ -184,7 +184,7 @@ def test_failing_visual_warns_once_and_the_others_still_log(tmp_path, monkeypatc
     model = _mixed_model()
     probe, labels = make_batch(2)
     vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, actmax_steps=2)
-    monkeypatch.setattr(vis, "_log_features", lambda *a: 1 / 0)
+    monkeypatch.setattr(vis.kind("features"), "log", lambda *a: 1 / 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(1, 4):  # every kind due at each

@@ -12,20 +12,26 @@ parameters and their ``.grad`` are never touched.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Collection, Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnvis_tb.hooks import capture
+from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+from cnnvis_tb.render import as_rgb, caption, fit, make_grid, to_uint8
+from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = [
     "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
-    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR",
+    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR", "ActMax",
 ]
 
 # Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
@@ -351,3 +357,157 @@ def _layer_channels(net, name, module, image_channels, size, mean, std) -> int:
     if name not in acts:
         raise RuntimeError(f"layer {name!r} did not run in the forward pass")
     return acts[name].shape[1]
+
+
+class ActMax(Kind):
+    """The ``actmax`` kind: activation-maximization images of chosen channels (``cnnvis/actmax/<layer>/channels``),
+    every channel of every layer in one batched optimization.
+
+    Args:
+        channels: channels per layer (spread evenly over the layer's channels), or ``{layer: [channels]}``
+            (those layers are added to the kind's layers).
+        steps: gradient-ascent steps per log.
+        background: optimize on a frozen snapshot of the model in a worker thread, so the training loop is
+            blocked only while the snapshot is taken; results are logged at the snapshot's step. A step that comes
+            while the previous one still runs is skipped with one warning. :meth:`close` waits for the worker.
+    """
+
+    name, label, every = "actmax", "Activation max.", 1000
+    #: On the random weights of step 0 it shows nothing learned, and it is the costliest kind.
+    at_step_zero = False
+
+    def __init__(self, *, channels: int | Mapping[str, Sequence[int]] = 8, steps: int = DEFAULT_STEPS,
+                 background: bool = False, every: int | None = None, layers=None) -> None:
+        super().__init__(every=every, layers=layers)
+        if not isinstance(channels, Mapping):
+            positive_int("actmax_channels", channels)
+        self.channels_spec = channels
+        self.steps = positive_int("actmax_steps", steps)
+        self.background = bool(background)
+        self.targets: list[tuple[str, int]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._pid = os.getpid()
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(channels=options.get("actmax_channels", 8), steps=options.get("actmax_steps", DEFAULT_STEPS),
+                   background=options.get("actmax_background", False))
+
+    def default_layers(self, info: ModelInfo) -> list[str]:
+        spread = info.spread_layers(3)
+        return spread[-2:] if len(spread) > 1 else spread
+
+    def setup(self, info: ModelInfo) -> None:
+        super().setup(info)
+        self.config = ActMaxConfig(steps=self.steps, seed=info.seed)
+        shapes = info.layer_shapes
+        spec = self.channels_spec
+        targets: list[tuple[str, int]] = []
+        if isinstance(spec, Mapping):
+            for name, chans in spec.items():
+                layer, _ = resolve_layer(info.net, name)
+                if layer not in self.layers:
+                    self.layers.append(layer)
+                targets += [(layer, int(c)) for c in chans]
+        else:
+            for layer in self.layers:
+                shape = shapes.get(layer)
+                total = shape[1] if shape is not None and len(shape) > 1 else 1
+                count = min(spec, total)
+                picks = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+                targets += [(layer, c) for c in picks]
+        for layer, channel in targets:
+            shape = shapes.get(layer)
+            if shape is None or len(shape) != 4:
+                raise ValueError(f"actmax layer {layer!r} must output a spatial map [N, C, H, W], got {shape}")
+            if not 0 <= channel < shape[1]:
+                raise ValueError(f"actmax channel {channel} out of range: layer {layer!r} has {shape[1]} channels")
+        self.targets = targets
+
+    def details(self) -> str:
+        return super().details() + f"; {len(self.targets)} channels, {self.steps} steps"
+
+    # ------------------------------------------------------------------ a logging step
+    def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
+        if not self.background:
+            return self._images(ctx.net)
+        self._forget_parents_worker()
+        self._pending = [f for f in self._pending if not f.done()]
+        if self._pending:
+            ctx.warn_once("actmax-busy", f"activation maximization of an earlier step is still running; step "
+                          f"{ctx.step} is skipped (use a larger every['actmax'])")
+            return None
+        snapshot = _snapshot(ctx.net)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnvis-actmax")
+        self._pending.append(self._executor.submit(self._in_background, snapshot, ctx.step))
+        return None
+
+    def log(self, ctx: StepContext, out: Output, computed: dict[str, torch.Tensor] | None) -> None:
+        if computed is None:  # on the background worker, which writes when it is done
+            return
+        self._write(out, computed)
+        for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
+            pass
+
+    def close(self) -> None:
+        self._forget_parents_worker()
+        for future in list(self._pending):
+            try:
+                future.result()
+            except Exception:  # reported by the worker itself (warned, or raised there under strict)
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._pending = []
+
+    # ------------------------------------------------------------------ the work
+    def _images(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        modules = {name: m for name, m in net.named_modules() if name in self.layers}
+        targets = [(layer, c) for layer, c in self.targets if layer in modules]
+        if not targets:
+            next(self.each_layer(net), None)  # raises, naming the missing layers
+        order = {t.name: t.order for t in self.info.traces}
+        images = optimize_channels(
+            net, modules, targets, tuple(self.info.probe.images.shape[-2:]), self.info.probe.images.shape[1],
+            mean=self.info.mean, std=self.info.std, config=self.config,
+            stop_after=max(modules, key=lambda n: order.get(n, -1)),
+        ).cpu()
+        return {layer: images[[i for i, (name, _) in enumerate(targets) if name == layer]] for layer in modules}
+
+    def _write(self, out: Output, per_layer: dict[str, torch.Tensor]) -> None:
+        for layer, images in per_layer.items():
+            channels = [c for name, c in self.targets if name == layer]
+            grid = make_grid(fit(as_rgb(images), 64, 96), ncol=min(8, len(channels)), padding=2)
+            picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
+            out.image(layer, "channels", to_uint8(picture))
+
+    def _in_background(self, snapshot: nn.Module, step: int) -> None:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                per_layer = self._images(snapshot)
+            with self.info.open_output(self, step) as out:
+                self._write(out, per_layer)
+        except Exception as e:
+            if self.info.strict:
+                raise
+            self.info.warn_once(f"actmax-bg-{type(e).__name__}", f"background activation maximization failed at "
+                                f"step {step}: {type(e).__name__}: {e}")
+
+    def _forget_parents_worker(self) -> None:
+        """In a process forked from the one that started the background worker, that worker does not exist:
+        forget it and its unfinished work (the parent finishes and logs it), so nothing waits on it forever."""
+        if os.getpid() != self._pid:
+            self._pid, self._executor, self._pending = os.getpid(), None, []
+
+
+def _snapshot(net: nn.Module) -> nn.Module:
+    """A frozen copy of the model (eval mode, no gradients) for background work."""
+    with torch.no_grad():
+        snapshot = copy.deepcopy(net)
+    for p in snapshot.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return snapshot.eval()

@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnvis_tb import tags
+from cnnvis_tb.hooks import capture
+from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import caption, colorize, fit, make_grids
-from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+from cnnvis_tb.render import caption, colorize, fit, make_grids, to_uint8
+from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels"]
+__all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels", "Features"]
 
 
 @torch.no_grad()
@@ -83,3 +86,33 @@ def feature_panels(
         caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)])
         for grid, idx in zip(grids, indices.tolist(), strict=True)
     ]
+
+
+class Features(Kind):
+    """The ``features`` kind: for each chosen layer and probe image, the image and its ``top_k`` most active
+    channels (``cnnvis/features/<layer>/probe_<i>``), from the shared forward pass."""
+
+    name, label, every = "features", "Feature maps", 200
+
+    def __init__(self, *, top_k: int = 8, every: int | None = None, layers=None) -> None:
+        super().__init__(every=every, layers=layers)
+        self.top_k = positive_int("top_k", top_k)
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(top_k=options.get("top_k", 8))
+
+    def needs(self) -> Needs:
+        return Needs(activations=tuple(self.layers))
+
+    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+        for layer, _ in self.each_layer(ctx.net):
+            acts = ctx.shared.activations.get(layer)
+            if acts is None:
+                raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
+            if acts.dim() != 4:
+                raise ValueError(f"layer {layer!r} outputs {tuple(acts.shape)}, not a feature map [N, C, H, W]")
+            if not torch.isfinite(acts).all():
+                ctx.warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
+            for i, panel in enumerate(feature_panels(ctx.shown, acts.float().cpu(), k=self.top_k)):
+                out.image(layer, tags.probe_view(i), to_uint8(panel))

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnvis_tb import tags
+from cnnvis_tb.hooks import capture
+from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
-from cnnvis_tb.safety import capture, model_device, model_dtype, preserved
+from cnnvis_tb.render import as_rgb, caption, fit, make_grid, overlay_heatmap, to_uint8
+from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "METHODS"]
+__all__ = ["grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "METHODS", "GradCam"]
 
 METHODS = ("gradcam", "gradcam++")
 _EPS = 1e-7
@@ -119,3 +123,48 @@ def grad_cam(
         (grads,) = torch.autograd.grad(score, acts[name])
         maps = cam_from_gradients(acts[name], grads, method)
     return normalize_maps(maps, tuple(images.shape[-2:])).detach()
+
+
+#: Pixels per panel of a Grad-CAM strip: legible captions, small files for big inputs.
+PANEL = 96
+
+
+class GradCam(Kind):
+    """The ``gradcam`` kind: per CAM layer and probe image, a strip of the input and the Grad-CAM and Grad-CAM++
+    overlays for the true class (with probe labels) and the predicted class (``cnnvis/gradcam/<layer>/probe_<i>``),
+    every map from the one shared forward and backward pass."""
+
+    name, label, every = "gradcam", "Grad-CAM", 200
+    follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
+
+    def default_layers(self, info: ModelInfo) -> list[str]:
+        return [info.cam_layer()]
+
+    def needs(self) -> Needs:
+        return Needs(graph_activations=tuple(self.layers))
+
+    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+        shared, shown, label_of = ctx.shared, ctx.shown, ctx.info.class_label
+        size = tuple(shown.shape[-2:])
+        probs = shared.probabilities
+        targets = {k: v.cpu() for k, v in shared.targets.items()}
+        order = [k for k in ("true", "pred") if k in targets]
+        inputs = fit(as_rgb(shown), PANEL, PANEL)
+        for layer, _ in self.each_layer(ctx.net):
+            acts = shared.graph_activations[layer]
+            columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
+            for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
+                for key in order:
+                    grads = shared.grads[key][layer]
+                    if grads is None:
+                        raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
+                    maps = normalize_maps(cam_from_gradients(acts, grads, method), size).cpu()
+                    columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), label, key))
+            for i in range(shown.shape[0]):
+                true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
+                panels = [caption(inputs[i], ["input", true])]
+                for overlays, label, key in columns:
+                    cls = int(targets[key][i])
+                    panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} {probs[i, cls]:.0%}"]))
+                strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
+                out.image(layer, tags.probe_view(i), to_uint8(strip))

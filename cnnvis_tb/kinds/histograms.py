@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
+from cnnvis_tb.kinds.base import Kind, Output, StepContext
 
-__all__ = ["histogram", "log_histograms"]
+__all__ = ["histogram", "log_histograms", "Histograms"]
 
 
 @torch.no_grad()
@@ -59,3 +60,16 @@ def log_histograms(writer, model: nn.Module, step: int, bins: int = 64) -> dict[
                 skipped[tag] = nonfinite
             writer.add_histogram_raw(tag, global_step=step, **summary)
     return skipped
+
+
+class Histograms(Kind):
+    """The ``histograms`` kind: every parameter's histogram, and its gradient's when ``.grad`` exists, under
+    ``cnnvis/histograms/<module>/<tensor>`` (read by the stock Histograms tab)."""
+
+    name, label, every = "histograms", "Histograms", 100
+    layer_role = None
+
+    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+        skipped = log_histograms(out.writer, ctx.net, ctx.step)
+        for tag, count in skipped.items():
+            ctx.warn_once(f"hist-{tag}", f"{count} non-finite values left out of the histogram {tag}")

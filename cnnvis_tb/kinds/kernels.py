@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
 from cnnvis_tb.render import colorize, make_grid, to_uint8, upscale
 
-__all__ = ["kernel_grid", "KernelGrid", "render_kernels"]
+__all__ = ["kernel_grid", "KernelGrid", "render_kernels", "Kernels"]
 
 
 @dataclass
@@ -99,3 +100,33 @@ def kernel_grid(
     return render_kernels(
         weight, max_kernels=max_kernels, max_in_channels=max_in_channels, min_tile=min_tile
     ).image
+
+
+class Kernels(Kind):
+    """The ``kernels`` kind: a kernel grid per chosen convolution (``cnnvis/kernels/<layer>/grid``); what a grid
+    leaves out (kernels past ``max_kernels``, input channels, non-finite weights) is noted once as text."""
+
+    name, label, every = "kernels", "Kernels", 100
+    layer_role = "conv"
+
+    def __init__(self, *, max_kernels: int = 64, every: int | None = None, layers=None) -> None:
+        super().__init__(every=every, layers=layers)
+        self.max_kernels = positive_int("max_kernels", max_kernels)
+        self._noted: set[str] = set()
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(max_kernels=options.get("max_kernels", 64))
+
+    def default_layers(self, info: ModelInfo) -> list[str]:
+        return info.spread_layers(3)
+
+    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+        for layer, module in self.each_layer(ctx.net):
+            grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
+            if grid.nonfinite:
+                ctx.warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
+            out.image(layer, "grid", grid.pixels)
+            if grid.note and layer not in self._noted:
+                self._noted.add(layer)
+                out.text(layer, f"{layer}: {grid.note}")

@@ -16,18 +16,21 @@ Three methods, each giving ``[N, H, W]`` maps in ``[0, 1]`` (max over colour cha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import difflib
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cnnvis_tb.kinds.gradcam import normalize_maps, resolve_targets
+from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
+from cnnvis_tb.kinds.gradcam import PANEL, normalize_maps, resolve_targets
 from cnnvis_tb.layers import select_output, unwrap_model
+from cnnvis_tb.render import as_rgb, caption, colorize, fit, make_grid, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["saliency", "saliency_from_gradients", "SALIENCY_METHODS", "MAX_BATCH"]
+__all__ = ["saliency", "saliency_from_gradients", "check_saliency_methods", "Saliency", "SALIENCY_METHODS", "MAX_BATCH"]
 
 SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided")
 #: Noisy images per forward pass of SmoothGrad by default (copies of several images share a pass).
@@ -202,3 +205,95 @@ def saliency(
         grad, _ = input_gradients(net, x, targets, method, samples=samples, noise=noise, seed=seed,
                                   batch_size=batch_size, output_selector=output_selector)
     return saliency_from_gradients(grad)
+
+
+def check_saliency_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
+    """One method name or several (in the given order, once each); unknown names raise with close matches."""
+    if isinstance(methods, str):
+        names = [methods]
+    elif isinstance(methods, (set, frozenset)):  # no order of its own: the documented one
+        names = sorted(methods, key=lambda m: (SALIENCY_METHODS.index(m) if m in SALIENCY_METHODS else -1, str(m)))
+    elif isinstance(methods, Iterable):
+        names = list(methods)
+    else:
+        raise TypeError(f"saliency_methods must be a method name or a list of them ({', '.join(SALIENCY_METHODS)}), "
+                        f"got {methods!r}")
+    if not names:
+        raise ValueError(f"saliency_methods must name at least one of {', '.join(SALIENCY_METHODS)}")
+    for name in names:
+        if name not in SALIENCY_METHODS:
+            close = difflib.get_close_matches(str(name), SALIENCY_METHODS, n=2, cutoff=0.4)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"unknown saliency method {name!r}{hint}; expected some of {', '.join(SALIENCY_METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
+_METHOD_LABELS = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP"}
+
+
+class Saliency(Kind):
+    """The ``saliency`` kind: per probe image, the input and one map per method for the true class (else the
+    predicted one) (``cnnvis/saliency/input/probe_<i>``). The vanilla gradient comes from the shared pass;
+    SmoothGrad and guided backpropagation run their own passes in :meth:`compute`, each guarded on its own (one
+    failing method warns once and the others are shown)."""
+
+    name, label, every = "saliency", "Saliency", 200
+    layer_role = None
+    on_by_default = False
+
+    def __init__(self, *, methods: str | Iterable[str] = "vanilla", every: int | None = None) -> None:
+        super().__init__(every=every)
+        self.methods = check_saliency_methods(methods)
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(methods=options.get("saliency_methods", "vanilla"))
+
+    def setup(self, info: ModelInfo) -> None:
+        super().setup(info)
+        if "guided" in self.methods:
+            with preserved(info.net), torch.no_grad():
+                x = info.probe.images[:1].to(device=model_device(info.net), dtype=model_dtype(info.net))
+                check_guided(info.net, x, info.output_selector)
+
+    def details(self) -> str:
+        return super().details() + f"; methods: {', '.join(self.methods)}"
+
+    def needs(self) -> Needs:
+        return Needs(input_gradients="vanilla" in self.methods, scores=True)
+
+    def _target(self, ctx: StepContext) -> str:
+        return "true" if "true" in ctx.shared.targets else "pred"
+
+    def compute(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        key = self._target(ctx)
+        targets = ctx.shared.targets[key]
+
+        def gradients(method: str) -> torch.Tensor:
+            if method == "vanilla":  # from the shared forward pass
+                return ctx.shared.grads[key]["input"]
+            return input_gradients(ctx.net, ctx.shared.inputs.detach(), targets, method, seed=ctx.info.seed,
+                                   batch_size=len(targets), output_selector=ctx.info.output_selector)[0]
+
+        grads = {}
+        for method in self.methods:
+            g = ctx.guarded(f"saliency ({method})", lambda m=method: gradients(m))
+            if g is not None:
+                grads[method] = g
+        return grads
+
+    def log(self, ctx: StepContext, out: Output, computed: dict[str, torch.Tensor]) -> None:
+        if not computed:  # every method failed, and said so
+            return
+        key = self._target(ctx)
+        targets = ctx.shared.targets[key].cpu()
+        shown = ctx.shown
+        columns = [(fit(colorize(saliency_from_gradients(computed[m]).cpu(), "inferno"), PANEL, PANEL),
+                    _METHOD_LABELS[m]) for m in computed]
+        inputs = fit(as_rgb(shown), PANEL, PANEL)
+        for i in range(shown.shape[0]):
+            target = f"{key}: {ctx.info.class_label(int(targets[i]))}"
+            panels = [caption(inputs[i], ["input", target])]
+            panels += [caption(maps[i], [label, target]) for maps, label in columns]
+            strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
+            out.image("input", f"probe_{i:03d}", to_uint8(strip))

@@ -1,0 +1,110 @@
+"""Forward hooks in one place: what a layer produced, recorded during a pass and removed after it.
+
+Every hook cnnvis_tb puts on the user's model is registered by :func:`capture` and removed in its ``finally``,
+also when the forward pass raises, so no hook outlives the logging step that needed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["capture", "first_tensor", "StopForward"]
+
+
+def first_tensor(output: object) -> torch.Tensor | None:
+    """The tensor a layer produced: the output itself, or the first 4-D (else first) tensor of a tuple/list/dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    items = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(
+        output, (tuple, list)
+    ) else []
+    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    four_d = [t for t in tensors if t.dim() == 4]
+    return (four_d or tensors or [None])[0]
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once every layer of interest has produced its output."""
+
+
+@contextlib.contextmanager
+def capture(
+    modules: dict[str, nn.Module],
+    *,
+    for_grad: bool = False,
+    stop_after: str | None = None,
+    stop_before: dict[str, nn.Module] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output tensor of each module in ``modules`` during the forward passes run in the body.
+
+    Args:
+        modules: ``{name: module}`` to hook.
+        for_grad: keep the recorded tensors in the autograd graph so gradients can be taken with respect to
+            them. The layer then passes on a copy of its output, so an in-place op after it (``ReLU(inplace=True)``)
+            changes the copy and not the recorded activation. Without ``for_grad`` a detached copy is kept.
+        stop_after: name of a module after whose output the forward pass is cut short with :class:`StopForward`
+            (which this context swallows); saves the rest of the network when only early layers matter.
+        stop_before: ``{name: module}`` (one entry): record the module's input as ``"<name>:input"`` (in the
+            graph) and cut the forward pass short before the module runs.
+
+    Yields ``{name: tensor}``, filled as the forward pass runs (the last call wins for modules called twice).
+    Every hook is removed on exit, also when the body raises.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            tensor = first_tensor(output)
+            if tensor is None:
+                return None
+            if not for_grad:
+                outputs[name] = tensor.detach().clone()
+                replacement = None
+            else:
+                outputs[name] = tensor
+                passed_on = tensor.clone()
+                replacement = _replace_tensor(output, tensor, passed_on)
+            if name == stop_after:
+                raise StopForward(name)
+            return replacement
+
+        return hook
+
+    def make_pre_hook(name: str):
+        def pre_hook(_module, inputs):
+            tensor = first_tensor(inputs)
+            if tensor is not None:
+                outputs[f"{name}:input"] = tensor
+            raise StopForward(name)
+
+        return pre_hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        for name, module in (stop_before or {}).items():
+            handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
+        try:
+            yield outputs
+        except StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replace_tensor(output: object, old: torch.Tensor, new: torch.Tensor) -> object:
+    if output is old:
+        return new
+    if isinstance(output, tuple):
+        return tuple(new if o is old else o for o in output)
+    if isinstance(output, list):
+        return [new if o is old else o for o in output]
+    if isinstance(output, dict):
+        return {k: (new if v is old else v) for k, v in output.items()}
+    return output

@@ -1,0 +1,376 @@
+"""``Kind``: one visual the logger can log, declared in one class.
+
+A kind says what the logger needs to know about it and nothing else lives in :class:`~cnnvis_tb.VisLogger`:
+
+* ``name`` (its tag family ``cnnvis/<name>/...``) and ``label`` (the CNN Vis tab's button);
+* ``every`` (default steps between logs) and ``at_step_zero`` (logged at step 0 or first at ``every``);
+* ``layer_role``: ``"any"`` (any module that runs in the forward pass), ``"conv"`` (2-D convolutions only) or
+  ``None`` (takes no layers); :meth:`Kind.default_layers` is its automatic choice;
+* :meth:`Kind.needs`: what it takes from the one shared forward pass over the probe (layer outputs, gradients
+  with respect to layers or to the input, for the true and predicted class);
+* :meth:`Kind.setup`: checks against the model, run in ``VisLogger(...)`` so bad input fails before training;
+* :meth:`Kind.compute` (network work, all threads) and :meth:`Kind.log` (rendering and writing, through the
+  :class:`Output` handed to it); :meth:`Kind.close`.
+
+The logger runs both under its safety guard (eval mode, RNG, flags and hooks restored), on its schedule, with
+warn-once / ``strict`` and a flush after each logging step, for built-in and user kinds alike.
+
+A kind of one's own::
+
+    class ChannelMeans(Kind):
+        name, label, every = "channel_means", "Channel means", 50
+
+        def needs(self):
+            return Needs(activations=self.layers)
+
+        def log(self, ctx, out, computed):
+            for layer in self.layers:
+                means = ctx.shared.activations[layer].mean(dim=(2, 3))       # [N, C]
+                out.image(layer, "all", colorize(normalize(means)))
+
+    vis = VisLogger(model, "runs/exp", probe=images, kinds=["gradcam", ChannelMeans(every=20)])
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from cnnvis_tb import tags
+from cnnvis_tb.events import PictureWriter
+from cnnvis_tb.layers import LayerTrace, conv_layers, default_cam_layer, find_layers, resolve_layer
+from cnnvis_tb.probe import Probe
+from cnnvis_tb.render import denormalize, to_uint8
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cnnvis_tb.probe_pass import ProbePass
+
+__all__ = ["Kind", "Needs", "ModelInfo", "StepContext", "Output", "LAYER_ROLES", "positive_int", "check_every"]
+
+#: What a kind's layers may be: any module that runs, 2-D convolutions only, or no layers at all.
+LAYER_ROLES = ("any", "conv", None)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a kind takes from the shared probe pass (one forward, one ``autograd.grad`` per target set).
+
+    Attributes:
+        activations: layers whose outputs it reads, as detached copies (``shared.activations[name]``).
+        graph_activations: layers whose outputs it reads in the autograd graph, with the gradients of each
+            target's class scores with respect to them (``shared.graph_activations``, ``shared.grads``).
+        input_gradients: it reads the gradients of each target's scores with respect to the probe input.
+        scores: it reads the class scores (``shared.scores``, ``shared.targets``) even without the above.
+    """
+
+    activations: tuple[str, ...] = ()
+    graph_activations: tuple[str, ...] = ()
+    input_gradients: bool = False
+    scores: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("activations", "graph_activations"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"Needs.{name} must be a sequence of layer names, got {value!r}")
+            object.__setattr__(self, name, tuple(dict.fromkeys(value)))
+
+    @property
+    def forward(self) -> bool:
+        """Whether the shared forward pass is needed at all."""
+        return bool(self.activations or self.graph_activations or self.input_gradients or self.scores)
+
+    @property
+    def gradients(self) -> bool:
+        return bool(self.graph_activations or self.input_gradients)
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            activations=self.activations + other.activations,
+            graph_activations=self.graph_activations + other.graph_activations,
+            input_gradients=self.input_gradients or other.input_gradients,
+            scores=self.scores or other.scores,
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What a kind may look at in :meth:`Kind.setup` and keep for its logging steps.
+
+    ``net`` is the unwrapped model; ``traces`` what one eval-mode forward pass over the probe showed about each
+    module (call order, output shape); ``probe`` the probe images (CPU, as the model sees them) and labels.
+    """
+
+    net: nn.Module
+    traces: list[LayerTrace]
+    probe: Probe
+    num_classes: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: list[str] | None = None
+    output_selector: Callable[[object], torch.Tensor] | None = None
+    seed: int = 0
+    strict: bool = False
+    #: Warns once per key (``warn_once(key, message)``), as every cnnvis_tb warning does.
+    warn_once: Callable[[str, str], None] = field(default=lambda key, message: None, repr=False)
+    #: ``guard(what, step, fn)``: runs ``fn``; on failure warns once (``strict``: raises) and returns None.
+    guard: Callable[[str, int, Callable[[], object]], object] = field(default=lambda what, step, fn: fn(), repr=False)
+    #: ``open_output(kind, step)``: a context manager yielding an :class:`Output` that is written and flushed on
+    #: exit, under the logger's lock; for kinds that finish their work later on a thread of their own.
+    open_output: Callable[[Kind, int], Any] | None = field(default=None, repr=False)
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """``{name: output shape}`` of every module on the probe (None: no tensor output or never ran)."""
+        return {t.name: t.output_shape for t in self.traces}
+
+    @property
+    def ran(self) -> set[str]:
+        """Names of the modules that ran in the forward pass over the probe."""
+        return {t.name for t in self.traces if t.order >= 0}
+
+    def spread_layers(self, count: int = 3) -> list[str]:
+        """``count`` convolutions spread over the model's depth, first and last included."""
+        return find_layers(self.net, count)
+
+    def cam_layer(self) -> str:
+        """The last convolutional block before global pooling (the usual Grad-CAM layer)."""
+        return default_cam_layer(self.traces)
+
+    def class_label(self, index: int) -> str:
+        """The class's name, or ``class <index>`` without ``class_names``."""
+        return self.class_names[index] if self.class_names else f"class {index}"
+
+
+@dataclass
+class StepContext:
+    """What a kind gets at a logging step. The model is in eval mode and every flag, the RNG and the hooks are
+    put back by the logger afterwards; ``shared`` is the shared probe pass (None when no due kind needs it)."""
+
+    step: int
+    info: ModelInfo
+    inputs: torch.Tensor  # the probe on the model's device and dtype, as the model sees it
+    shared: ProbePass | None = None
+    _shown: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.info.net
+
+    @property
+    def shown(self) -> torch.Tensor:
+        """The probe images as people see them: ``[N, C, H, W]`` in ``[0, 1]``, de-normalized, on the CPU."""
+        if self._shown is None:
+            self._shown = denormalize(self.info.probe.images, self.info.mean, self.info.std)
+        return self._shown
+
+    def warn_once(self, key: str, message: str) -> None:
+        self.info.warn_once(key, message)
+
+    def guarded(self, what: str, fn: Callable[[], object]) -> object:
+        """``fn()``, or None after a warning (once per ``what`` and error type) when it fails; raises when strict.
+        For a part of a kind that may fail while the rest still logs (one of several methods)."""
+        return self.info.guard(what, self.step, fn)
+
+
+class Output:
+    """Where a kind writes at one logging step: every tag in its own family ``cnnvis/<kind>/<layer>/<view>``.
+
+    Pictures are PNG-encoded on helper threads while the kind renders the next one and written in order when
+    the kind's step ends (also those made before a failure). ``writer`` is the ``SummaryWriter`` itself, for
+    what the helpers below do not cover.
+    """
+
+    def __init__(self, kind: str, writer, step: int) -> None:
+        self.kind = kind
+        self.writer = writer
+        self.step = step
+        self._pictures = PictureWriter(writer)
+
+    def image(self, layer: str, view: str, picture: torch.Tensor) -> None:
+        """One picture ``[C, H, W]`` (uint8, or float in ``[0, 1]``; C is 1 or 3) under
+        ``cnnvis/<kind>/<layer>/<view>``."""
+        if not isinstance(picture, torch.Tensor) or picture.dim() != 3 or picture.shape[0] not in (1, 3):
+            shape = tuple(picture.shape) if isinstance(picture, torch.Tensor) else type(picture).__name__
+            raise ValueError(f"a picture must be a tensor [C, H, W] with C = 1 or 3, got {shape}")
+        if picture.dtype != torch.uint8:
+            picture = to_uint8(picture.float())
+        if picture.shape[0] == 1:
+            picture = picture.expand(3, -1, -1)
+        self._pictures.add(tags.image_tag(self.kind, layer, view), picture, self.step)
+
+    def scalar(self, layer: str, name: str, value: float) -> None:
+        """One number under ``cnnvis/metrics/<kind>/<layer>/<name>`` (the Scalars tab and tbparse read it)."""
+        self.writer.add_scalar(tags.metric_tag(self.kind, layer, name), float(value), self.step)
+
+    def text(self, layer: str, text: str) -> None:
+        """A Markdown text under ``cnnvis/summary/<layer>/<kind>`` (shown in the Text tab and the layer card)."""
+        self.writer.add_text(tags.text_tag(layer, self.kind), text, self.step)
+
+    def flush(self) -> None:
+        """Write the pictures added so far (the logger calls this when the kind's step ends)."""
+        self._pictures.flush()
+
+
+class Kind:
+    """Base class of every visual kind, built-in or the user's own; see the module docs.
+
+    Args:
+        every: steps between logs (default: the class's ``every``); ``VisLogger(every=...)`` overrides it.
+        layers: ``named_modules()`` names of the layers to look at (default: :meth:`default_layers`);
+            ``VisLogger(layers={name: [...]})`` overrides it.
+    """
+
+    #: The tag family ``cnnvis/<name>/...`` and the name in ``kinds=[...]`` / ``every={...}``.
+    name: ClassVar[str] = ""
+    #: The label of the kind's button in the CNN Vis tab.
+    label: ClassVar[str] = ""
+    #: Default steps between two logs.
+    every: int = 200
+    #: Whether the schedule logs it at step 0 (else first at ``every``; ``log_now`` logs it whenever asked).
+    at_step_zero: ClassVar[bool] = True
+    #: ``"any"``, ``"conv"`` or ``None`` (see :data:`LAYER_ROLES`).
+    layer_role: ClassVar[str | None] = "any"
+    #: Whether a plain list ``VisLogger(layers=[...])`` names this kind's layers (else only a mapping does).
+    follows_layer_list: ClassVar[bool] = True
+    #: Built-in kinds only: whether ``VisLogger`` logs it when ``kinds`` is not given.
+    on_by_default: ClassVar[bool] = True
+
+    def __init__(self, *, every: int | None = None, layers: Sequence[str] | str | None = None) -> None:
+        #: Whether the interval was given here (then ``VisLogger(every=<int>)`` does not override it).
+        self.every_given = every is not None
+        if every is not None:
+            self.every = check_every(self.name or type(self).__name__, every)
+        self.layers: list[str] = []
+        self._given_layers = [layers] if isinstance(layers, str) else (None if layers is None else list(layers))
+        self.info: ModelInfo | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Kind:
+        """The kind built from ``VisLogger``'s keyword options (built-in kinds read theirs, e.g. ``top_k``)."""
+        return cls()
+
+    # ------------------------------------------------------------------ declared
+    def default_layers(self, info: ModelInfo) -> list[str]:
+        """The automatic layer choice: three convolutions spread over depth."""
+        return info.spread_layers(3)
+
+    def needs(self) -> Needs:
+        """What this kind takes from the shared probe pass at a logging step (default: nothing)."""
+        return Needs()
+
+    def setup(self, info: ModelInfo) -> None:
+        """Check the kind against the model, in ``VisLogger(...)``; raise ``ValueError`` naming the problem and
+        the fix. The base class resolves the layers; override to check more, and call ``super().setup(info)``."""
+        self.info = info
+        if self.layer_role is None:
+            return
+        names = self._given_layers if self._given_layers is not None else self.default_layers(info)
+        self.layers = self.resolve_layers(info, names)
+
+    def compute(self, ctx: StepContext) -> object:
+        """Network work beyond the shared pass (extra forward / backward passes), run with every thread."""
+        return None
+
+    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+        """Render and write this step's pictures through ``out``; ``computed`` is what :meth:`compute` returned."""
+        raise NotImplementedError(f"{type(self).__name__} must define log(ctx, out, computed)")
+
+    def close(self) -> None:
+        """Wait for work of the kind's own (a background thread) to finish; the logger calls it once."""
+
+    # ------------------------------------------------------------------ helpers
+    def details(self) -> str:
+        """One line for the kinds table of the run (interval and layers)."""
+        text = f"every {self.every} steps" + ("" if self.at_step_zero else ", not at step 0")
+        return text + (f"; layers: {', '.join(self.layers)}" if self.layers else "")
+
+    def resolve_layers(self, info: ModelInfo, names: Sequence[str | nn.Module]) -> list[str]:
+        """``named_modules()`` names of ``names`` (names or modules), checked for the kind's layer role."""
+        if isinstance(names, (str, nn.Module)):
+            names = [names]
+        resolved = [resolve_layer(info.net, n, need_conv=self.layer_role == "conv")[0] for n in names]
+        if not resolved:
+            raise ValueError(f"layers[{self.name!r}] is empty; name at least one layer or leave it out")
+        if self.layer_role != "conv":  # kernel grids read weights; the others need the layer to run
+            silent = [n for n in resolved if n not in info.ran]
+            if silent:
+                raise ValueError(f"layers {silent} for {self.name} did not run in the model's forward pass on the "
+                                 "probe")
+        return list(dict.fromkeys(resolved))
+
+    def layers_from_list(self, info: ModelInfo, names: list[str | nn.Module]) -> list[str | nn.Module] | None:
+        """This kind's layers when ``VisLogger(layers=[...])`` is a plain list (None: keep the automatic choice)."""
+        if not self.follows_layer_list or self.layer_role is None:
+            return None
+        if self.layer_role == "conv":
+            convs = dict(conv_layers(info.net))
+            picked = [n for n in names if (n in convs if isinstance(n, str) else any(m is n for m in convs.values()))]
+            return picked or None
+        return names
+
+    def each_layer(self, net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """The kind's layers still in ``net``; after them, a ``LookupError`` naming any that are gone, so one
+        removed layer does not stop the others from logging."""
+        modules = dict(net.named_modules())
+        present = [n for n in self.layers if n in modules]
+        for name in present:
+            yield name, modules[name]
+        if len(present) < len(self.layers):
+            raise LookupError(
+                f"layers {[n for n in self.layers if n not in modules]} are no longer in the model (removed or "
+                "renamed after VisLogger was created); create a new VisLogger for the changed model"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, every={self.every})"
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1, else a ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_every(kind: str, value: object) -> int:
+    """``value`` if it is a valid interval (an int >= 1), else an error naming the kind."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"every[{kind!r}] must be a positive int (steps between logs), got {value!r}")
+    if value < 1:
+        raise ValueError(f"every[{kind!r}] must be >= 1 (steps between logs), got {value}; leave a kind out of "
+                         "`kinds` to turn it off")
+    return value
+
+
+def check_kind_class(kind: Kind, builtin: Mapping[str, type[Kind]]) -> None:
+    """Raise ``ValueError`` / ``TypeError`` when a user's kind cannot be logged: a missing, reserved or malformed
+    name, a name taken by a built-in kind of another class, a bad interval or layer role, no ``log``."""
+    cls = type(kind)
+    if not isinstance(kind, Kind):
+        raise TypeError(f"kinds must hold kind names or Kind instances, got {kind!r}")
+    if not kind.name:
+        raise ValueError(f"{cls.__name__} has no name: set the class attribute name = '...' (its tag family)")
+    tags.check_kind_name(kind.name)
+    if kind.name in builtin and not isinstance(kind, builtin[kind.name]):
+        raise ValueError(f"{cls.__name__}.name {kind.name!r} collides with the built-in kind {kind.name!r}; "
+                         f"choose another name (built-in kinds: {', '.join(builtin)})")
+    check_every(kind.name, kind.every)
+    if kind.layer_role not in LAYER_ROLES:
+        raise ValueError(f"{cls.__name__}.layer_role must be one of {LAYER_ROLES}, got {kind.layer_role!r}")
+    if cls.log is Kind.log:
+        raise TypeError(f"{cls.__name__} must define log(self, ctx, out, computed)")
+    if not isinstance(kind.label, str):
+        raise TypeError(f"{cls.__name__}.label must be a string, got {kind.label!r}")
+
+
+def unknown_kind(name: object, known: Sequence[str]) -> ValueError:
+    """The error for a kind name that names no kind, with close matches."""
+    close = difflib.get_close_matches(str(name), list(known), n=2)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ValueError(f"unknown kind {name!r}{hint}; expected some of {tuple(known)} or a Kind instance")

@@ -1,0 +1,338 @@
+// The tab: fetches /index and /steps, keeps the selection, and lays out the controls bar, the
+// runs × steps grid, the filmstrip and the layer table. Kinds, their labels and their order are the
+// backend's (/index reads them from the runs' kinds tables), so a user's own kind shows up as is.
+
+import {getJson, imageUrl} from "./api.js";
+import {Controls, viewLabel} from "./controls.js";
+import {el, select} from "./dom.js";
+import {Lightbox} from "./lightbox.js";
+import {emptyView, errorView, loadingView} from "./messages.js";
+import {readState, saveState} from "./state.js";
+import {Filmstrip, LazyImages, StepGrid, textSummary} from "./views.js";
+
+/** TensorBoard's categorical run colours, in the order runs are listed. */
+const RUN_COLORS = ["#ff7043", "#0077bb", "#cc3311", "#33bbee", "#ee3377", "#009988", "#bbbbbb"];
+/** TensorBoard's own reload period. */
+const REFRESH_MS = 30_000;
+/** Largest and smallest width / height ratio of a cell; beyond them images are letterboxed. */
+const MAX_RATIO = 8;
+/** Lowest cell height, so that a run's name still fits beside its row. */
+const MIN_CELL_HEIGHT = 24;
+
+/** Index of the value of `sorted` nearest to `value`. */
+function nearestIndex(sorted, value) {
+  let best = 0;
+  sorted.forEach((candidate, i) => {
+    if (Math.abs(candidate - value) < Math.abs(sorted[best] - value)) best = i;
+  });
+  return best;
+}
+
+/** "cnnvis/summary/model/layers/text_summary" -> "model/layers". */
+function summaryName(tag) {
+  return tag.replace(/^cnnvis\/summary\//, "").replace(/\/text_summary$/, "");
+}
+
+/** Where a text summary goes in the layer-table card: the layer table, then the other model-wide texts, then the rest. */
+function summaryRank(tag) {
+  const name = summaryName(tag);
+  return name === "model/layers" ? 0 : name.startsWith("model/") ? 1 : 2;
+}
+
+export class App {
+  /** Builds the tab inside `host` (the frame's <body>); `start()` loads the data. */
+  constructor(host) {
+    this.root = el("div", {className: "cv-app"});
+    host.append(this.root);
+    this.state = readState();
+    this.lazy = new LazyImages();
+    this.lightbox = new Lightbox();
+    this.index = null;
+    this.indexJson = "";
+    this.stepsJson = "";
+    this.stepsByRun = new Map();
+    this.columns = [];
+    this.stepsRequest = 0;
+    this.layerTables = new Map();
+    this.imageRatio = 1;
+    this.controls = null;
+    this.setSize(this.state.size);
+  }
+
+  async start() {
+    this.root.replaceChildren(loadingView("Loading cnnvis data…"));
+    await this.reload({initial: true});
+    setInterval(() => this.reload({initial: false}), REFRESH_MS);
+  }
+
+  /** Fetches the index (and the current tag's steps) again; re-renders only what changed. */
+  async reload({initial}) {
+    if (!initial && (document.hidden || this.lightbox.isOpen)) return;
+    let index;
+    try {
+      index = await getJson("index");
+    } catch (error) {
+      if (initial || !this.index) {
+        this.root.replaceChildren(errorView("Could not load cnnvis data", error, () => this.reload({initial: true})));
+      } else {
+        this.setStatus(`Could not refresh: ${error.message}`);
+      }
+      return;
+    }
+    this.setStatus("");
+    const json = JSON.stringify(index);
+    if (json !== this.indexJson) {
+      this.indexJson = json;
+      this.setIndex(index);
+    } else if (this.index.runs.length) {
+      await this.loadSteps({refresh: true});
+    }
+  }
+
+  setIndex(index) {
+    this.index = index;
+    if (!index.runs.length) {
+      this.controls = null;
+      this.root.replaceChildren(emptyView());
+      return;
+    }
+    this.resolveSelection();
+    this.main = el("main", {className: "cv-main"});
+    this.controls = new Controls({
+      kinds: index.kinds,
+      runs: index.runs,
+      state: this.state,
+      colorOf: (run) => this.colorOf(run),
+      on: {
+        select: (change) => this.select(change),
+        size: (size) => this.setSize(size, {save: true}),
+        step: (column) => this.setStepIndex(column),
+        stepBy: (delta) => this.setStepIndex(this.stepIndex + delta),
+        pickStep: (text) => this.pickStep(text),
+        toggleRun: (run, shown) => this.toggleRun(run, shown),
+        showRuns: (shown) => this.showRuns(shown),
+        reload: () => this.reload({initial: false}),
+      },
+    });
+    this.root.replaceChildren(this.controls.element, this.main);
+    this.controls.sync(this.current, this.state.hidden);
+    this.stepsJson = "";
+    this.loadSteps({refresh: false});
+  }
+
+  /** Replaces selection hints that the data does not hold (first kind, layer, view). */
+  resolveSelection() {
+    const s = this.state;
+    const kind = this.index.kinds.find((k) => k.kind === s.kind) ?? this.index.kinds[0];
+    const layer = kind.layers.find((l) => l.layer === s.layer) ?? kind.layers[0];
+    const view = layer.views.find((v) => v.view === s.view) ?? layer.views[0];
+    Object.assign(s, {kind: kind.kind, layer: layer.layer, view: view.view});
+    this.current = {kind, layer, view};
+  }
+
+  colorOf(run) {
+    return RUN_COLORS[Math.max(0, this.index.runs.indexOf(run)) % RUN_COLORS.length];
+  }
+
+  /** "<kind label> · <layer> · <view>": what the current selection shows, the kind named by its label. */
+  title() {
+    const {kind, layer, view} = this.current;
+    return `${kind.label} · ${layer.layer} · ${viewLabel(view)}`;
+  }
+
+  describe(step) {
+    return `${this.title()} · step ${step}`;
+  }
+
+  select(change) {
+    Object.assign(this.state, change);
+    this.resolveSelection();
+    this.controls.sync(this.current, this.state.hidden);
+    saveState(this.state);
+    this.loadSteps({refresh: false});
+  }
+
+  toggleRun(run, shown) {
+    if (shown) this.state.hidden.delete(run);
+    else this.state.hidden.add(run);
+    saveState(this.state);
+    this.renderViews();
+  }
+
+  showRuns(shown) {
+    this.state.hidden = shown ? new Set() : new Set(this.index.runs);
+    this.controls.checkRuns(shown);
+    saveState(this.state);
+    this.renderViews();
+  }
+
+  setSize(size, {save = false} = {}) {
+    this.state.size = size;
+    this.applyCellBox();
+    if (save) saveState(this.state);
+  }
+
+  /**
+   * Sizes every image cell for the current tag: the "size" is the side of a square of the same area,
+   * so wide panels and tall kernel grids get the space a square image would.
+   */
+  applyCellBox() {
+    const ratio = Math.min(MAX_RATIO, Math.max(1 / MAX_RATIO, this.imageRatio));
+    const height = Math.max(MIN_CELL_HEIGHT, Math.round(this.state.size / Math.sqrt(ratio)));
+    this.cellWidth = Math.round(height * ratio);
+    const style = document.documentElement.style;
+    style.setProperty("--cv-w", `${this.cellWidth}px`);
+    style.setProperty("--cv-h", `${height}px`);
+    this.grid?.setCellWidth(this.cellWidth);
+  }
+
+  setStatus(text) {
+    this.controls?.setStatus(text);
+  }
+
+  // Steps and views.
+
+  async loadSteps({refresh}) {
+    const tag = this.current.view.tag;
+    const request = ++this.stepsRequest;
+    if (!refresh && this.main.childElementCount) this.main.classList.add("cv-busy");
+    else if (!refresh) this.main.replaceChildren(loadingView("Loading steps…"));
+    let answer;
+    try {
+      answer = await getJson("steps", {tag});
+    } catch (error) {
+      if (request === this.stepsRequest) {
+        this.main.classList.remove("cv-busy");
+        this.main.replaceChildren(errorView("Could not load the steps", error, () => this.loadSteps({refresh: false})));
+      }
+      return;
+    }
+    const json = JSON.stringify(answer);
+    if (request !== this.stepsRequest || (refresh && json === this.stepsJson)) return;
+    this.stepsJson = json;
+    this.stepsByRun = new Map(answer.runs.map(({run, steps}) => [run, steps]));
+    this.imageRatio = answer.width && answer.height ? answer.width / answer.height : 1;
+    this.renderViews();
+  }
+
+  renderViews() {
+    this.main.classList.remove("cv-busy");
+    const runs = this.index.runs.filter((run) => this.stepsByRun.has(run) && !this.state.hidden.has(run));
+    this.lazy.reset();
+    this.columns = [...new Set(runs.flatMap((run) => this.stepsByRun.get(run)))].sort((a, b) => a - b);
+    if (!runs.length) {
+      this.grid = this.film = null;
+      this.applyCellBox();
+      this.controls.syncSteps(this.columns);
+      const reason = this.stepsByRun.size ? "Every run is hidden: tick a run above." : "No run logged this image.";
+      this.main.replaceChildren(el("p", {className: "cv-card cv-notice", text: reason}));
+      return;
+    }
+    const tag = this.current.view.tag;
+    const describe = (step) => this.describe(step);
+    const onOpen = (run, step) => this.openLightbox(run, step);
+    this.grid = new StepGrid({
+      tag,
+      runs,
+      columns: this.columns,
+      stepsByRun: this.stepsByRun,
+      colorOf: (run) => this.colorOf(run),
+      lazy: this.lazy,
+      describe,
+      onOpen,
+      onPickStep: (column) => this.setStepIndex(column),
+    });
+    const filmRun = runs.includes(this.state.film) ? this.state.film : runs[0];
+    this.film = new Filmstrip({tag, run: filmRun, steps: this.stepsByRun.get(filmRun), lazy: this.lazy, describe, onOpen});
+    const missing = this.index.runs.filter((run) => !this.stepsByRun.has(run) && !this.state.hidden.has(run));
+    this.main.replaceChildren(
+      el("section", {className: "cv-card"}, [
+        el("h2", {className: "cv-card-title", text: this.title()}),
+        el("p", {
+          className: "cv-card-subtitle",
+          text: `${runs.length} run${runs.length === 1 ? "" : "s"} × ${this.columns.length} logged step${this.columns.length === 1 ? "" : "s"} · click an image to enlarge`,
+        }),
+        this.grid.element,
+        missing.length ? el("p", {className: "cv-note", text: `Not logged by: ${missing.join(", ")}`}) : null,
+      ]),
+      el("section", {className: "cv-card"}, [
+        el("div", {className: "cv-card-head"}, [
+          el("h2", {className: "cv-card-title", text: "Filmstrip"}),
+          select(runs.map((run) => [run, run]), filmRun, (film) => this.selectFilmRun(film), "Filmstrip run"),
+        ]),
+        el("p", {className: "cv-card-subtitle", text: `Every logged step of ${filmRun}`}),
+        this.film.element,
+      ]),
+      this.layerTableCard(runs[0]),
+    );
+    this.applyCellBox();
+    this.controls.syncSteps(this.columns);
+    const wanted = this.state.step ?? this.columns[this.columns.length - 1];
+    this.setStepIndex(nearestIndex(this.columns, wanted), {scroll: true, save: false});
+  }
+
+  selectFilmRun(run) {
+    this.state.film = run;
+    saveState(this.state);
+    this.renderViews();
+  }
+
+  /** Selects column `index` (clamped); the last column is stored as "latest" (no step in the URL). */
+  setStepIndex(index, {scroll = true, save = true} = {}) {
+    const count = this.columns.length;
+    if (!count) return;
+    this.stepIndex = Math.min(count - 1, Math.max(0, index));
+    const step = this.columns[this.stepIndex];
+    this.state.step = this.stepIndex === count - 1 ? null : step;
+    this.controls.showStep(this.stepIndex, this.columns);
+    this.grid?.setStep(this.stepIndex, {scroll});
+    this.film?.setStep(step);
+    if (save) saveState(this.state);
+  }
+
+  /** Jumps to the logged step nearest to a typed one. */
+  pickStep(text) {
+    const step = Number(text);
+    if (text === "" || !Number.isFinite(step)) {
+      this.controls.resetStepInput(this.columns[this.stepIndex]);
+      return;
+    }
+    this.setStepIndex(nearestIndex(this.columns, step));
+  }
+
+  openLightbox(run, step) {
+    const tag = this.current.view.tag;
+    const steps = this.stepsByRun.get(run) ?? [];
+    const items = steps.map((s) => ({src: imageUrl(run, tag, s), run, color: this.colorOf(run), details: this.describe(s)}));
+    this.lightbox.open(items, Math.max(0, steps.indexOf(step)));
+  }
+
+  /** A folded card with the text summaries of `run` (the layer table first), fetched when first opened. */
+  layerTableCard(run) {
+    const body = el("div", {className: "cv-layer-table"});
+    const card = el("details", {className: "cv-card cv-layers"}, [
+      el("summary", {className: "cv-card-title", text: `Layer table · ${run}`}),
+      body,
+    ]);
+    card.addEventListener("toggle", async () => {
+      if (!card.open || body.childElementCount) return;
+      body.append(loadingView("Loading…"));
+      if (!this.layerTables.has(run)) this.layerTables.set(run, getJson("text", {run}));
+      try {
+        const {texts} = await this.layerTables.get(run);
+        const ordered = [...texts].sort((a, b) => summaryRank(a.tag) - summaryRank(b.tag));
+        body.replaceChildren(
+          ...(ordered.length
+            ? ordered.map(({tag, step, text}) =>
+                el("figure", {}, [el("figcaption", {text: `${summaryName(tag)} · step ${step}`}), textSummary(text)]),
+              )
+            : [el("p", {className: "cv-note", text: "This run logged no text summary."})]),
+        );
+      } catch (error) {
+        this.layerTables.delete(run);
+        body.replaceChildren(el("p", {className: "cv-error-text", text: error.message}));
+      }
+    });
+    return card;
+  }
+}
