@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnvis_tb import tags
+from cnnvis_tb import Kind, VisLogger, tags
+from cnnvis_tb.render import denormalize
 
 VIEWPORT = {"width": 1400, "height": 900}
 #: A run whose name is markup: it must show as text and run nothing.
@@ -367,3 +370,49 @@ def test_screenshot_of_two_runs_across_steps(open_tab, demo_server):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     tab.page.screenshot(path=str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 50_000
+
+
+class ProbeColour(Kind):
+    """A kind defined in this test file only: each probe image's mean colour as a flat 8x8 swatch (scaled by the
+    step, so every step's picture differs)."""
+
+    name, label, every, layer_role = "probe_colour", "Probe colour", 2, None
+
+    def log(self, ctx, out, computed):
+        colours = ctx.shown.mean(dim=(2, 3))  # [N, 3] in [0, 1]
+        for i, colour in enumerate(colours):
+            swatch = (colour * (0.5 + ctx.step / 10))[:, None, None].clamp(0, 1).expand(3, 8, 8)
+            out.image("input", tags.probe_view(i), swatch)
+
+
+@pytest.fixture(scope="module")
+def vislogger_kind_server(browser, start_tensorboard, wait_for_json, tmp_path_factory) -> tuple[str, torch.Tensor]:
+    """TensorBoard over a run that VisLogger logged with the kernels kind and ProbeColour."""
+    logdir = tmp_path_factory.mktemp("vislogger_kind")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    probe = torch.rand(2, 3, 12, 12)
+    with VisLogger(model, logdir / "run", probe=probe, kinds=["kernels", ProbeColour()], strict=True) as vis:
+        for step in range(5):
+            vis.step(step)
+    url = start_tensorboard(logdir, plugin="cnnvis").url
+    wait_for_json(f"{url}/data/plugin/cnnvis/index",
+                  lambda index: ProbeColour.label in [k["label"] for k in index["kinds"]])
+    return url, probe
+
+
+def test_a_kind_logged_by_vislogger_shows_in_the_tab(open_tab, vislogger_kind_server):
+    url, probe = vislogger_kind_server
+    tab = open_tab(server=url)
+    frame = tab.frame
+    assert frame.locator(".cv-segmented button").all_text_contents() == ["Kernels", "Probe colour"]
+    frame.click(f"button[data-kind='{ProbeColour.name}']")
+    frame.wait_for_function("() => document.querySelector('.cv-card-title').textContent.startsWith('Probe colour · ')")
+    frame.wait_for_function(ALL_IMAGES_SETTLED)
+    pixels = frame.evaluate(GRID_PIXELS)
+    assert sorted(p["step"] for p in pixels) == [0, 2, 4]
+    colour = denormalize(probe, None, None)[0].mean(dim=(1, 2))  # shown as the logger shows it (no mean/std)
+    for pixel in pixels:
+        expected = (colour * (0.5 + pixel["step"] / 10)).clamp(0, 1) * 255
+        assert pixel["size"] == [8, 8]
+        assert np.abs(np.array(pixel["rgb"]) - expected.numpy()).max() <= 1.5, pixel
