@@ -18,6 +18,7 @@ _EXPORTS = {
     "StepContext": "cnnvis_tb.kinds.base",
     "Output": "cnnvis_tb.kinds.base",
     "grad_cam": "cnnvis_tb.kinds.gradcam",
+    "cam": "cnnvis_tb.kinds.gradcam",
     "kernel_grid": "cnnvis_tb.kinds.kernels",
     "feature_maps": "cnnvis_tb.kinds.features",
     "activation_maximization": "cnnvis_tb.kinds.actmax",
@@ -36,6 +37,7 @@ __all__ = [
     "Output",
     "StepContext",
     "activation_maximization",
+    "cam",
     "colorize",
     "feature_maps",
     "find_layers",
@@ -52,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.kinds.actmax import activation_maximization
     from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext
     from cnnvis_tb.kinds.features import feature_maps
-    from cnnvis_tb.kinds.gradcam import grad_cam
+    from cnnvis_tb.kinds.gradcam import cam, grad_cam
     from cnnvis_tb.kinds.kernels import kernel_grid
     from cnnvis_tb.kinds.saliency import saliency
     from cnnvis_tb.layers import find_layers, layer_table

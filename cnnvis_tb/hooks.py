@@ -44,8 +44,10 @@ def capture(
     Args:
         modules: ``{name: module}`` to hook.
         for_grad: keep the recorded tensors in the autograd graph so gradients can be taken with respect to
-            them. The layer then passes on a copy of its output, so an in-place op after it (``ReLU(inplace=True)``)
-            changes the copy and not the recorded activation. Without ``for_grad`` a detached copy is kept.
+            them. The layer then passes on a copy of its output, which is what is recorded: an in-place op after it
+            (``ReLU(inplace=True)``) shows in the recorded activation, as the network consumes it, and the layer's
+            own output tensor is left unmodified. Without ``for_grad`` a detached copy of the output as the layer
+            produced it is kept.
         stop_after: name of a module after whose output the forward pass is cut short with :class:`StopForward`
             (which this context swallows); saves the rest of the network when only early layers matter.
         stop_before: ``{name: module}`` (one entry): record the module's input as ``"<name>:input"`` (in the
@@ -66,8 +68,11 @@ def capture(
                 outputs[name] = tensor.detach().clone()
                 replacement = None
             else:
-                outputs[name] = tensor
+                # Recorded is what the rest of the network consumes: an in-place op right after the layer
+                # (DenseNet's F.relu(features, inplace=True)) acts on this copy, and values and gradients are those
+                # of the activation as used, as in the Grad-CAM paper (and the CAM libraries).
                 passed_on = tensor.clone()
+                outputs[name] = passed_on
                 replacement = _replace_tensor(output, tensor, passed_on)
             if name == stop_after:
                 raise StopForward(name)
