@@ -41,6 +41,8 @@ setup(
             "hypothesis>=6",
             "ruff",
             "lightning>=2.0",
+            "grad-cam>=1.5",  # the CAM anchors the CAM family is checked against
+            "torchcam>=0.4",
         ],
         "lightning": ["lightning>=2.0"],
         "bench": ["grad-cam>=1.5", "torchcam>=0.4"],
