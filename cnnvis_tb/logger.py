@@ -82,6 +82,14 @@ class VisLogger:
         saliency_methods: the saliency maps shown side by side: any of ``"vanilla"`` (input gradient, from the
             shared forward pass), ``"smoothgrad"`` (16 noisy copies per image: about 16 more forward and backward
             passes over the probe) and ``"guided"`` (guided backpropagation: one more pass; needs ReLUs).
+        cam_methods: the CAM methods shown side by side by the ``gradcam`` kind, any of ``cam``, ``gradcam``,
+            ``gradcam++``, ``xgradcam``, ``hirescam``, ``layercam``, ``eigencam``, ``eigengradcam``, ``scorecam``,
+            ``ablationcam``, ``fullgrad`` (see :mod:`cnnvis_tb.kinds.cam_methods`). The gradient methods share the
+            one forward and backward pass; Score-CAM and Ablation-CAM cost one perturbed image per channel of the
+            layer, probe image and target (the constructor warns when that is large).
+        cam_batch_size: perturbed images per forward pass of Score-CAM and Ablation-CAM (their memory cap).
+        cam_scale: ``"image"`` (each map scaled to its own min and max) or ``"run"`` (one scale per probe image,
+            method and target kept over the run, so a map that fades or spreads over training shows as such).
         strict: raise when a visual fails instead of warning once and going on (tests use it).
         probe_size: how many samples to take from a Dataset/DataLoader probe.
         top_k: feature channels shown per probe image (the most active ones).
@@ -118,6 +126,9 @@ class VisLogger:
         max_kernels: int = 64,
         output_selector: Callable[[object], torch.Tensor] | None = None,
         saliency_methods: str | Sequence[str] = "vanilla",
+        cam_methods: str | Sequence[str] = ("gradcam", "gradcam++"),
+        cam_batch_size: int = 64,
+        cam_scale: str = "image",
         seed: int = 0,
     ) -> None:
         self._net = unwrap_model(model)
@@ -128,7 +139,8 @@ class VisLogger:
             probe=probe, probe_labels=probe_labels, mean=mean, std=std, class_names=class_names, every=every,
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
-            actmax_background=actmax_background,
+            actmax_background=actmax_background, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
+            cam_scale=cam_scale,
         )
         self.strict = bool(strict)
         self.output_selector, self.seed = output_selector, seed

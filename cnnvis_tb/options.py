@@ -10,6 +10,8 @@ import torch
 
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.kinds.base import Kind, positive_int
+from cnnvis_tb.kinds.cam_methods import check_methods
+from cnnvis_tb.kinds.gradcam import CAM_SCALES
 from cnnvis_tb.kinds.saliency import check_saliency_methods
 from cnnvis_tb.probe import Probe, load_probe
 from cnnvis_tb.schedule import apply_every, resolve_kinds
@@ -56,16 +58,24 @@ def check_options(
     output_selector: Callable[[object], torch.Tensor] | None = None,
     saliency_methods: str | Iterable[str] = "vanilla",
     actmax_background: bool = False,
+    cam_methods: str | Iterable[str] = ("gradcam", "gradcam++"),
+    cam_batch_size: int = 64,
+    cam_scale: str = "image",
 ) -> CheckedOptions:
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     kind_options = dict(top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
                         actmax_channels=actmax_channels, actmax_background=actmax_background,
-                        saliency_methods=saliency_methods)
+                        saliency_methods=saliency_methods, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
+                        cam_scale=cam_scale)
     for name in ("top_k", "max_kernels", "actmax_steps"):  # checked also when their kind is not logged
         positive_int(name, kind_options[name])
     if not isinstance(actmax_channels, Mapping):
         positive_int("actmax_channels", actmax_channels)
     check_saliency_methods(saliency_methods)
+    check_methods(cam_methods)
+    positive_int("cam_batch_size", cam_batch_size)
+    if cam_scale not in CAM_SCALES:
+        raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {cam_scale!r}")
     checked_kinds = resolve_kinds(kinds, kind_options)
     apply_every(every, checked_kinds)
     positive_int("probe_size", probe_size)

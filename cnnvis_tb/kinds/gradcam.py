@@ -201,37 +201,145 @@ def grad_cam(
 PANEL = 96
 
 
+#: Colour scales of the logged maps: each map min-max scaled, or one scale per probe image, method and target kept
+#: over the run (the largest value seen so far), so a map that fades or spreads over training shows as such.
+CAM_SCALES = ("image", "run")
+#: Perturbed images per logging step above which the constructor warns about Score-/Ablation-CAM's cost.
+COSTLY_IMAGES = 4096
+
+
 class GradCam(Kind):
-    """The ``gradcam`` kind: per CAM layer and probe image, a strip of the input and the Grad-CAM and Grad-CAM++
-    overlays for the true class (with probe labels) and the predicted class (``cnnvis/gradcam/<layer>/probe_<i>``),
-    every map from the one shared forward and backward pass."""
+    """The ``gradcam`` kind: per CAM layer and probe image, a strip of the input and one overlay per CAM method and
+    target (the true class, with probe labels, and the predicted class) (``cnnvis/gradcam/<layer>/probe_<i>``).
+
+    Every gradient method comes from the one shared forward and backward per target set; Score-CAM and Ablation-CAM
+    run their perturbed forwards in :meth:`compute`, at most ``batch_size`` images per pass; a target set equal to an
+    earlier one reuses its maps.
+
+    Args:
+        methods: CAM methods shown (names of :data:`cnnvis_tb.kinds.cam_methods.METHODS`).
+        batch_size: perturbed images per forward pass of Score-CAM / Ablation-CAM (the memory cap).
+        scale: ``"image"`` (each map min-max scaled) or ``"run"`` (see :data:`CAM_SCALES`).
+    """
 
     name, label, every = "gradcam", "Grad-CAM", 200
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
+    def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",
+                 every: int | None = None, layers=None) -> None:
+        super().__init__(every=every, layers=layers)
+        self.methods = check_methods(methods)
+        self.batch_size = positive_int("cam_batch_size", batch_size)
+        if scale not in CAM_SCALES:
+            raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {scale!r}")
+        self.scale = scale
+        self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._heads: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(methods=options.get("cam_methods", ("gradcam", "gradcam++")),
+                   batch_size=options.get("cam_batch_size", 64), scale=options.get("cam_scale", "image"))
+
     def default_layers(self, info: ModelInfo) -> list[str]:
         return [info.cam_layer()]
 
-    def needs(self) -> Needs:
-        return Needs(graph_activations=tuple(self.layers))
+    @property
+    def _specs(self):
+        return [METHODS[m] for m in self.methods]
 
-    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+    def setup(self, info: ModelInfo) -> None:
+        super().setup(info)
+        self._bias = bias_layers(info.net) if any(s.full_gradients for s in self._specs) else {}
+        shapes = info.layer_shapes
+        for layer in self.layers:
+            shape = shapes.get(layer)
+            if shape is None or len(shape) != 4:
+                raise ValueError(f"CAM layer {layer!r} must output a spatial map [N, C, H, W], got {shape}; name a "
+                                 "convolutional block with layers={'gradcam': [...]}")
+        if "cam" in self.methods:
+            with preserved(info.net), torch.no_grad():
+                x = info.probe.images.to(device=model_device(info.net), dtype=model_dtype(info.net))
+                modules = dict(info.net.named_modules())
+                for layer in self.layers:
+                    self._heads[layer] = linear_head(info.net, layer, modules[layer], x, info.output_selector).weight
+        costly = [s.label for s in self._specs if s.forwards]
+        if costly:
+            targets = 2 if info.probe.labels is not None else 1
+            images = sum(len(info.probe) * shapes[layer][1] for layer in self.layers) * targets * len(costly)
+            passes = -(-images // self.batch_size)
+            if images > COSTLY_IMAGES:
+                info.warn_once("cam-cost", f"{' and '.join(costly)} on layers {self.layers} cost up to {images:,} "
+                               f"perturbed images ({passes:,} forward passes of up to {self.batch_size}) per logging "
+                               "step; choose a layer with fewer channels, a smaller probe or a larger every['gradcam']")
+
+    def details(self) -> str:
+        return super().details() + f"; methods: {', '.join(self.methods)}; scale: {self.scale}"
+
+    def needs(self) -> Needs:
+        specs = self._specs
+        layers = tuple(self.layers)
+        if any(s.full_gradients for s in specs):
+            return Needs(graph_activations=layers + tuple(self._bias), input_gradients=True)
+        if any(s.gradients for s in specs):
+            return Needs(graph_activations=layers)
+        return Needs(activations=layers, scores=True)
+
+    def compute(self, ctx: StepContext) -> dict[tuple[str, str, str], torch.Tensor]:
+        """Raw maps ``{(layer, method, target): [N, h, w]}`` (ReLU applied), every method and target."""
+        shared = ctx.shared
+        maps: dict[tuple[str, str, str], torch.Tensor] = {}
+        keys = [k for k in ("true", "pred") if k in shared.targets]
+        for layer, module in self.each_layer(ctx.net):
+            acts = shared.graph_activations.get(layer, shared.activations.get(layer))
+            if acts is None:
+                raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
+            for i, key in enumerate(keys):
+                classes = shared.targets[key]
+                same = next((k for k in keys[:i] if torch.equal(shared.targets[k], classes)), None)
+                for spec in self._specs:
+                    if same is not None:
+                        maps[(layer, spec.name, key)] = maps[(layer, spec.name, same)]
+                        continue
+                    inputs = self._inputs(ctx, layer, module, acts, key, classes, spec)
+                    maps[(layer, spec.name, key)] = spec.fn(inputs).clamp_min(0)
+        return maps
+
+    def _inputs(self, ctx, layer, module, acts, key, classes, spec) -> CamInputs:
+        shared = ctx.shared
+        grads = shared.grads.get(key, {})
+        inputs = CamInputs(acts=acts.detach().float(), net=ctx.net, layer=layer, module=module,
+                           images=shared.inputs.detach(), batch_size=self.batch_size)
+        if spec.gradients or spec.full_gradients:
+            g = grads.get(layer)
+            if g is None:
+                raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
+            inputs.grads = g.detach().float()
+        if spec.full_gradients:
+            inputs.input_grads = grads["input"].detach()
+            inputs.bias_grads = {n: (b, grads[n].detach()) for n, (_, b) in self._bias.items()
+                                 if grads.get(n) is not None}
+        if spec.forwards:
+            selector = ctx.info.output_selector
+            inputs.scorer = lambda out, owner: select_output(out, selector).gather(1, classes[owner][:, None])[:, 0]
+            inputs.base_scores = shared.scores.detach().gather(1, classes[:, None])[:, 0]
+        if spec.head:
+            inputs.head_weights = self._heads[layer].detach().float()[classes]
+        return inputs
+
+    def log(self, ctx: StepContext, out: Output, computed: dict[tuple[str, str, str], torch.Tensor]) -> None:
         shared, shown, label_of = ctx.shared, ctx.shown, ctx.info.class_label
         size = tuple(shown.shape[-2:])
         probs = shared.probabilities
         targets = {k: v.cpu() for k, v in shared.targets.items()}
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
-        for layer, _ in self.each_layer(ctx.net):
-            acts = shared.graph_activations[layer]
+        for layer in dict.fromkeys(layer for layer, _, _ in computed):
             columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
-            for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
+            for spec in self._specs:
                 for key in order:
-                    grads = shared.grads[key][layer]
-                    if grads is None:
-                        raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
-                    maps = normalize_maps(cam_from_gradients(acts, grads, method), size).cpu()
-                    columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), label, key))
+                    maps = self._scaled(layer, spec.name, key, computed[(layer, spec.name, key)], size).cpu()
+                    columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.label, key))
             for i in range(shown.shape[0]):
                 true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
                 panels = [caption(inputs[i], ["input", true])]
@@ -240,3 +348,16 @@ class GradCam(Kind):
                     panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
                 out.image(layer, tags.probe_view(i), to_uint8(strip))
+        for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
+            pass
+
+    def _scaled(self, layer: str, method: str, key: str, maps: torch.Tensor, size) -> torch.Tensor:
+        if self.scale == "image":
+            return normalize_maps(maps, size)
+        peak = maps.detach().float().amax(dim=(1, 2)).cpu()
+        seen = self._run_max.get((layer, method, key))
+        seen = peak if seen is None or seen.shape != peak.shape else torch.maximum(seen, peak)
+        self._run_max[(layer, method, key)] = seen
+        resized = F.interpolate(maps.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        scale = torch.where(seen > _EPS, 1.0 / seen.clamp_min(_EPS), 0.0).to(resized.device)
+        return (resized * scale[:, None, None]).clamp_(0, 1)
