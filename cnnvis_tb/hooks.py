@@ -7,6 +7,7 @@ also when the forward pass raises, so no hook outlives the logging step that nee
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -104,12 +105,18 @@ def capture(
 
 
 def _replace_tensor(output: object, old: torch.Tensor, new: torch.Tensor) -> object:
+    """``output`` with ``old`` swapped for ``new``, of the output's own type (a namedtuple, a dict subclass)."""
     if output is old:
         return new
     if isinstance(output, tuple):
-        return tuple(new if o is old else o for o in output)
+        items = [new if o is old else o for o in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
     if isinstance(output, list):
-        return [new if o is old else o for o in output]
+        return type(output)(new if o is old else o for o in output)
     if isinstance(output, dict):
-        return {k: (new if v is old else v) for k, v in output.items()}
+        replaced = copy.copy(output)
+        for key, value in output.items():
+            if value is old:
+                replaced[key] = new
+        return replaced
     return output

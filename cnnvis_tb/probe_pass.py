@@ -92,6 +92,8 @@ def _gradients(record: ProbePass, needs: Needs) -> None:
     if needs.input_gradients:
         names.append("input")
         inputs.append(record.inputs)
+    if not inputs:  # every layer asked for has left the model: the kinds that wanted them say so themselves
+        return
     keys = list(record.targets)
     for i, key in enumerate(keys):
         t = record.targets[key]

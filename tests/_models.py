@@ -56,6 +56,25 @@ def image_at(acc: EventAccumulator, tag: str, step: int | None = None) -> np.nda
     return decode_png(event.encoded_image_string)
 
 
+def texts(acc: EventAccumulator, tag: str) -> list[tuple[int, str]]:
+    """``(step, text)`` of every text summary logged under ``tag`` (``add_text``'s ``/text_summary`` included)."""
+    from tensorboard.util import tensor_util
+
+    return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()) for e in acc.Tensors(tag)]
+
+
+def tiny_logger(log_dir, model: nn.Module | None = None, *, n: int = 4, **kwargs):
+    """A strict VisLogger on TinyCNN (seed 0) with a labelled probe of ``n`` images and 2 actmax steps."""
+    from cnnvis_tb import VisLogger
+
+    torch.manual_seed(0)
+    model = model or TinyCNN()
+    probe, labels = make_batch(2, n=n)
+    kwargs.setdefault("strict", True)
+    kwargs.setdefault("actmax_steps", 2)
+    return VisLogger(model, log_dir, probe=probe, probe_labels=labels, **kwargs)
+
+
 def hook_counts(model: nn.Module) -> dict[str, int]:
     """Number of hooks of every kind on every submodule (zeros are kept, so dicts compare fully)."""
     counts = {}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from _models import TinyCNN, hook_counts
+from _models import TinyCNN, hook_counts, image_at, make_batch, read_events
 from torch import nn
 
-from cnnvis_tb import activation_maximization
+from cnnvis_tb import VisLogger, activation_maximization
 from cnnvis_tb.demo import MEAN, STD
 
 
@@ -196,8 +197,6 @@ def test_the_last_conv_shortcut_optimizes_what_the_full_layer_would():
 def test_a_process_forked_while_background_actmax_runs_closes_its_logger(tmp_path):
     import multiprocessing as mp
 
-    from cnnvis_tb import VisLogger
-
     vis = VisLogger(TinyCNN(), tmp_path / "parent", probe=torch.randn(2, 3, 16, 16), actmax_background=True,
                     actmax_steps=200, kinds=["actmax"])
     vis.log_now(0, kinds=["actmax"])  # the worker is busy for a while
@@ -213,3 +212,26 @@ def test_a_process_forked_while_background_actmax_runs_closes_its_logger(tmp_pat
         proc.kill()
     vis.close()
     assert not alive and proc.exitcode == 0
+
+
+def test_background_actmax_uses_the_snapshot_and_close_waits(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    frozen = copy.deepcopy(model)
+    probe, labels = make_batch(2, n=2)
+    common = {"probe": probe, "probe_labels": labels, "every": 1, "kinds": ["actmax"], "strict": True,
+              "actmax_steps": 4}
+    vis = VisLogger(model, tmp_path / "bg", actmax_background=True, **common)
+    vis.step(1)
+    with torch.no_grad():  # training goes on and changes the model while the worker optimizes
+        for p in model.parameters():
+            p.add_(1.0)
+    vis.close()  # waits for the worker
+    with VisLogger(frozen, tmp_path / "sync", **common) as reference:
+        reference.step(1)
+    bg, sync = read_events(tmp_path / "bg"), read_events(tmp_path / "sync")
+    tag = "cnnvis/actmax/body.3/channels"
+    assert [e.step for e in bg.Images(tag)] == [1]
+    assert np.array_equal(image_at(bg, tag), image_at(sync, tag))
+
+

@@ -139,6 +139,15 @@ def test_logged_overlay_is_hot_at_the_evidence(tmp_path):
     assert (cold[..., 0] - cold[..., 2]).mean() < -50
 
 
+def test_a_layer_followed_by_an_inplace_relu():
+    """TinyCNN's stem is conv, BN, ReLU(inplace=True): Grad-CAM of the BN still gets its activations and gradients."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    images, labels = make_batch(1)
+    maps = grad_cam(model, images, "stem.1", targets=labels)
+    assert maps.shape == (8, 16, 16) and torch.isfinite(maps).all() and maps.amax() == 1.0
+
+
 def test_all_zero_map_gives_zeros_not_nan():
     model = EvidenceModel()
     images = torch.zeros(1, 3, 8, 8)  # no red, no blue: no evidence anywhere

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import TinyCNN, make_batch
+from _models import TinyCNN, image_at, make_batch, read_events, tiny_logger
 from torch import nn
 
-from cnnvis_tb import saliency
+from cnnvis_tb import VisLogger, saliency
 from cnnvis_tb.kinds import saliency as saliency_module
 from cnnvis_tb.kinds.saliency import input_gradients, saliency_from_gradients
+from cnnvis_tb.render import colorize, fit, to_uint8
 
 
 class FunctionalReLUs(nn.Module):
@@ -242,3 +245,61 @@ def test_bad_methods_and_settings_are_named(tiny):
         saliency(tiny, x, method="smoothgrad", samples=0)
     with pytest.raises(ValueError, match="noise must be >= 0"):
         saliency(tiny, x, method="smoothgrad", noise=-0.1)
+
+
+def test_saliency_methods_side_by_side_equal_the_functional_maps(tmp_path):
+    """The saliency strip: input, then one map per method, each the functional API's map of the true class."""
+    methods = ("guided", "vanilla", "smoothgrad")
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    probe, _ = make_batch(2, n=4)
+    with torch.no_grad():
+        labels = (model(probe).argmax(dim=1) + 1) % 4  # true classes that are not the predicted ones
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["saliency"], saliency_methods=methods,
+                   seed=3, strict=True) as vis:
+        vis.log_now(5)
+    acc = read_events(tmp_path)
+    pixels = image_at(acc, "cnnvis/saliency/input/probe_001", step=5)
+    assert pixels.shape[1] == 2 + 4 * (96 + 2)  # input and three maps, 96 px each, 2 px apart
+    for column, method in enumerate(methods, start=1):
+        maps = saliency(model, probe, labels, method=method, seed=3)
+        expected = to_uint8(fit(colorize(maps[1:2], "inferno"), 96, 96)[0]).permute(1, 2, 0).numpy()
+        left = 2 + column * (96 + 2)
+        shown = pixels[2 : 2 + 96, left : left + 96]
+        assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1, method
+    # the three maps differ from one another: they are not one map drawn three times
+    panels = [pixels[2:98, 2 + c * 98 : 98 + c * 98].astype(int) for c in (1, 2, 3)]
+    assert all(np.abs(a - b).mean() > 3 for i, a in enumerate(panels) for b in panels[i + 1 :])
+
+
+def test_saliency_method_errors_are_raised_in_the_constructor(tmp_path):
+    with pytest.raises(ValueError, match="unknown saliency method 'smooth' \\(did you mean 'smoothgrad'\\?\\)"):
+        tiny_logger(tmp_path, kinds=["saliency"], saliency_methods=["vanilla", "smooth"])
+    no_relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="guided backpropagation needs ReLU activations"):
+        tiny_logger(tmp_path, model=no_relu, kinds=["saliency"], saliency_methods="guided")
+    with pytest.raises(ValueError, match="saliency_methods must name at least one"):
+        tiny_logger(tmp_path, kinds=["saliency"], saliency_methods=[])
+
+
+def test_a_failing_saliency_method_leaves_the_others_and_warns_once(tmp_path, monkeypatch):
+    real = saliency_module.input_gradients
+
+    def flaky(net, images, targets, method, **kwargs):
+        if method == "guided":
+            raise RuntimeError("out of memory (simulated)")
+        return real(net, images, targets, method, **kwargs)
+
+    monkeypatch.setattr(saliency_module, "input_gradients", flaky)
+    with tiny_logger(tmp_path, kinds=["saliency", "histograms"], saliency_methods=("vanilla", "guided", "smoothgrad"),
+                 strict=False) as vis:
+        with pytest.warns(RuntimeWarning, match=r"the saliency \(guided\) visual failed at step 0.*simulated") as rec:
+            vis.log_now(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same failure does not warn again
+            vis.log_now(1)
+    assert sum("saliency (guided)" in str(w.message) for w in rec) == 1
+    acc = read_events(tmp_path)
+    pixels = image_at(acc, "cnnvis/saliency/input/probe_000", step=1)
+    assert pixels.shape[1] == 2 + 3 * (96 + 2)  # input, gradient, SmoothGrad
+    assert "cnnvis/histograms/stem.0/weight" in acc.Tags()["histograms"]

@@ -1,4 +1,4 @@
-"""Odd models and inputs: tuple/dict outputs, in-place ReLU, torch.compile, channels-last, AMP, thread count."""
+"""Odd models and inputs: tuple/dict outputs, torch.compile, channels-last, AMP, thread count."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from _models import TinyCNN, image_at, make_batch, read_events
 from torch import nn
 
-from cnnvis_tb import VisLogger, feature_maps, grad_cam
+from cnnvis_tb import VisLogger, grad_cam
 from cnnvis_tb.kinds import ALL_KINDS
 
 
@@ -48,20 +48,6 @@ def test_tuple_output_uses_the_first_tensor(tmp_path):
                    strict=True) as vis:
         vis.step(0)
     assert len(read_events(tmp_path).Tags()["images"]) == 2
-
-
-def test_inplace_relu_after_the_layer_does_not_change_what_we_saw():
-    torch.manual_seed(0)
-    model = TinyCNN()  # stem = conv, BN, ReLU(inplace=True): the ReLU overwrites BN's output in place
-    images, labels = make_batch(1)
-    seen = feature_maps(model, images, ["stem.1"])["stem.1"]
-    model.eval()
-    with torch.no_grad():
-        expected = model.stem[1](model.stem[0](images))
-    assert (seen < 0).any()  # negative values survive: captured before the in-place ReLU
-    assert torch.allclose(seen, expected, atol=1e-6)
-    maps = grad_cam(model, images, "stem.1", targets=labels)
-    assert torch.isfinite(maps).all() and maps.amax() == 1.0
 
 
 def test_compiled_model_is_logged_through_the_original_module(tmp_path):
@@ -108,8 +94,9 @@ def test_bf16_model_under_autocast(tmp_path):
                        actmax_steps=2) as vis:
             vis.step(1)  # every kind due
     assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
-    kinds = {t.split("/")[1] for t in read_events(tmp_path).Tags()["images"]}
-    assert kinds == {"kernels", "features", "gradcam", "saliency", "actmax"}
+    acc = read_events(tmp_path)
+    kinds = {t.split("/")[1] for t in acc.Tags()["images"]}
+    assert kinds == set(ALL_KINDS) - {"histograms"} and acc.Tags()["histograms"]  # histograms are not images
 
 
 def test_thread_count_restored(tmp_path):

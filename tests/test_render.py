@@ -95,7 +95,7 @@ def test_upscale_repeats_each_pixel_factor_by_factor():
     assert upscale(x, 4) is x
 
 
-def test_caption_band_height_repeats_and_long_text_is_shortened():
+def test_caption_band_height_and_repeated_lines():
     image = torch.zeros(3, 10, 40)
     one = caption(image, ["a label that is far too long for forty pixels"])
     assert one.shape == (3, 10 + 14 + 4, 40)
@@ -118,7 +118,27 @@ def test_caption_lines_from_the_glyph_atlas_match_pillows_own_drawing():
         expected = np.asarray(canvas, dtype=np.float32) / 255
         ours = _text_line(text, 200, 11).permute(1, 2, 0).numpy()
         assert np.abs(ours - expected).max() <= 4 / 255, text  # where two glyphs touch, coverage may differ a hair
-    # Characters outside the atlas are drawn by Pillow, and long text is shortened with an ellipsis either way.
-    assert _text_line("naïve", 60, 11).shape == (3, 14, 60)
-    short = _text_line("x" * 200, 60, 11)
-    assert short.shape == (3, 14, 60) and short[:, :, -3:].min() == 1.0  # nothing drawn past the end
+    assert _text_line("naïve", 60, 11).shape == (3, 14, 60)  # characters outside the atlas are drawn by Pillow
+
+
+def _caption_line(text: str, width: int) -> torch.Tensor:
+    """The one text line of a caption under a 1-pixel-high image: rows 3..16 (after the image and 2 white rows)."""
+    return caption(torch.zeros(3, 1, width), [text])[:, 3:17]
+
+
+@pytest.mark.parametrize("text", [
+    "top channels: " + ", ".join(str(i) for i in range(40)),
+    "naïve façade " * 12,  # not in the glyph atlas: drawn by Pillow
+], ids=["glyph-atlas", "pillow"])
+def test_a_caption_too_long_for_the_image_is_a_prefix_and_an_ellipsis(text):
+    width, wide = 120, 2000
+    shown = _caption_line(text, width)
+    whole = _caption_line(text, wide)
+    assert (whole[:, :, width:] < 0.9).any()  # the whole text needs more than the image's width
+    assert (shown - whole[:, :, :width]).abs().max() > 0.5  # and what is shown is not the whole text cut at the edge
+    # what is shown is exactly a prefix of the text and an ellipsis, drawn whole within the width
+    prefixes = [k for k in range(1, len(text) - 1)
+                if (candidate := _caption_line(text[:k] + "…", wide))[:, :, width - 1 :].min() == 1.0
+                and torch.equal(candidate[:, :, :width], shown)]
+    assert len(prefixes) == 1, prefixes
+    assert (shown[:, :, 3 * width // 4 :] < 0.9).any()  # and it uses the width: not shortened more than needed

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from _models import TinyCNN, hook_counts, make_batch, read_events
+from _models import TinyCNN, hook_counts, image_at, make_batch, read_events
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from cnnvis_tb import VisLogger, grad_cam
 from cnnvis_tb.kinds import ALL_KINDS
@@ -138,7 +141,7 @@ def _flags(model):
             {n: p.requires_grad for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("kind", ["features", "gradcam", "kernels", "actmax", "histograms", "saliency"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_flags_restored_when_a_visual_raises(tmp_path, monkeypatch, kind):
     model = _mixed_model()
     before_flags, before_hooks = _flags(model), hook_counts(model)
@@ -180,23 +183,23 @@ def test_failure_inside_the_forward_pass_restores_everything(tmp_path):
     vis.close()
 
 
-def test_failing_visual_warns_once_and_the_others_still_log(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_failing_visual_warns_once_and_the_others_still_log(tmp_path, monkeypatch, kind):
     model = _mixed_model()
     probe, labels = make_batch(2)
     vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, actmax_steps=2)
-    monkeypatch.setattr(vis.kind("features"), "log", lambda *a: 1 / 0)
+    monkeypatch.setattr(vis.kind(kind), "log", lambda *a: 1 / 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(1, 4):  # every kind due at each
+        for step in range(1, 3):  # every kind due at each
             vis.step(step)
     vis.close()
-    ours = [w for w in caught if "cnnvis_tb" in str(w.message)]
-    assert len(ours) == 1 and "features" in str(ours[0].message) and "ZeroDivisionError" in str(ours[0].message)
+    ours = [str(w.message) for w in caught if "cnnvis_tb" in str(w.message)]
+    assert len(ours) == 1 and f"the {kind} visual failed" in ours[0] and "ZeroDivisionError" in ours[0], ours
     acc = read_events(tmp_path)
-    kinds = {t.split("/")[1] for t in acc.Tags()["images"]}
-    assert kinds == {"gradcam", "kernels", "actmax", "saliency"}
-    assert all(len(acc.Images(t)) == 3 for t in acc.Tags()["images"])
-    assert acc.Tags()["histograms"]
+    logged = {t.split("/")[1] for t in acc.Tags()["images"]} | ({"histograms"} if acc.Tags()["histograms"] else set())
+    assert logged == set(ALL_KINDS) - {kind}
+    assert all(len(acc.Images(t)) == 2 for t in acc.Tags()["images"])
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
@@ -217,18 +220,58 @@ def test_gradcam_works_inside_no_grad_and_inference_mode(tmp_path, context):
     assert len(acc.Tags()["images"]) == 16  # 8 Grad-CAM strips + 8 saliency strips
 
 
-def test_autocast_active_gradcam_in_float32(tmp_path):
+class _FloatDtypes(TorchDispatchMode):
+    """The dtypes of the floating-point tensors every op returns, counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.dtypes[t.dtype] += 1
+        return out
+
+
+def test_autocast_active_logging_computes_in_float32(tmp_path):
+    """Under AMP autocast the logger's passes run in the model's float32: every layer output and every op result of
+    a logging step is float32 (also the extra SmoothGrad, guided and actmax passes), and the Grad-CAM pictures are
+    those of a step logged without autocast."""
     torch.manual_seed(0)
     model = TinyCNN()
-    probe, labels = make_batch(2)
+    probe, labels = make_batch(2, n=4)
+    common = {"probe": probe, "probe_labels": labels, "every": 1, "kinds": ALL_KINDS, "strict": True,
+              "actmax_steps": 2, "saliency_methods": ("vanilla", "smoothgrad", "guided")}
+    with VisLogger(model, tmp_path / "plain", **common) as vis:
+        vis.log_now(1)
     plain = grad_cam(model, probe, "body", targets=labels)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_amp = grad_cam(model, probe, "body", targets=labels)
-        with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
-                       actmax_steps=2) as vis:
-            vis.step(0)
-    assert under_amp.dtype == torch.float32
-    assert torch.equal(plain, under_amp)
+
+    layer_dtypes = []
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    handles = [m.register_forward_hook(lambda _m, _i, out: layer_dtypes.append(out.dtype)) for m in layers]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.eval()(probe)  # the records can tell: outside the logger, autocast runs the layers in bfloat16
+            model.train()
+            assert torch.bfloat16 in layer_dtypes
+            layer_dtypes.clear()
+            vis = VisLogger(model, tmp_path / "amp", **common)
+            with _FloatDtypes() as ops:
+                vis.log_now(1)
+            vis.close()
+            under_amp = grad_cam(model, probe, "body", targets=labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(layer_dtypes) > len(layers) and set(layer_dtypes) == {torch.float32}
+    assert ops.dtypes and set(ops.dtypes) == {torch.float32}, ops.dtypes
+    assert under_amp.dtype == torch.float32 and torch.equal(plain, under_amp)
+    amp, reference = read_events(tmp_path / "amp"), read_events(tmp_path / "plain")
+    for i in range(4):
+        tag = f"cnnvis/gradcam/body/probe_{i:03d}"
+        assert np.array_equal(image_at(amp, tag), image_at(reference, tag)), tag
 
 
 class _CountOps(TorchDispatchMode):
