@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from _models import TinyCNN, image_at, make_batch, read_events, tiny_logger
 from torch import nn
 
-from cnnvis_tb import VisLogger, saliency
+from cnnvis_tb import VisLogger, grad_cam, saliency
 from cnnvis_tb.kinds import saliency as saliency_module
 from cnnvis_tb.kinds.saliency import input_gradients, saliency_from_gradients
 from cnnvis_tb.render import colorize, fit, to_uint8
@@ -303,3 +303,65 @@ def test_a_failing_saliency_method_leaves_the_others_and_warns_once(tmp_path, mo
     pixels = image_at(acc, "cnnvis/saliency/input/probe_000", step=1)
     assert pixels.shape[1] == 2 + 3 * (96 + 2)  # input, gradient, SmoothGrad
     assert "cnnvis/histograms/stem.0/weight" in acc.Tags()["histograms"]
+
+
+# ---------------------------------------------------------------------- deconvnet and guided Grad-CAM
+class _Plain(nn.Module):
+    """conv -> ReLU -> conv -> ReLU -> pool -> linear, with functional ReLUs so a reference can swap them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x, relu=torch.relu):
+        x = relu(self.c2(relu(self.c1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _deconv_reference(model, x, targets):
+    """Deconvnet written out: a ReLU whose backward keeps the gradient's positive part, wherever the input was."""
+
+    class Deconv(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clamp_min(0)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clamp_min(0)
+
+    x = x.clone().requires_grad_(True)
+    scores = model(x, relu=Deconv.apply)
+    (g,) = torch.autograd.grad(scores.gather(1, targets[:, None]).sum(), [x])
+    return saliency_from_gradients(g)
+
+
+def test_deconvnet_equals_a_hand_written_deconvnet():
+    model = _Plain().eval()
+    x, _ = make_batch(5, n=3)
+    targets = torch.tensor([0, 2, 3])
+    ours = saliency(model, x, targets, method="deconvnet")
+    assert torch.allclose(ours, _deconv_reference(model, x, targets), atol=1e-6)
+    assert not torch.allclose(ours, saliency(model, x, targets, method="guided"), atol=1e-3)  # a different rule
+
+
+def test_guided_gradcam_is_guided_backprop_times_the_upsampled_gradcam():
+    model = _Plain().eval()
+    x, _ = make_batch(6, n=2)
+    targets = torch.tensor([1, 3])
+    ours = saliency(model, x, targets, method="guided_gradcam", layer="c2")
+    product = saliency(model, x, targets, method="guided") * grad_cam(model, x, "c2", targets)
+    lo, hi = product.amin(dim=(1, 2), keepdim=True), product.amax(dim=(1, 2), keepdim=True)
+    assert torch.allclose(ours, (product - lo) / (hi - lo), atol=1e-5)
+
+
+def test_the_saliency_kind_shows_deconvnet_and_guided_gradcam(tmp_path):
+    model = _Plain()
+    x, labels = make_batch(7, n=2)
+    with VisLogger(model, tmp_path, probe=x, probe_labels=labels, kinds=["saliency"], strict=True,
+                   saliency_methods=("deconvnet", "guided_gradcam")) as vis:
+        vis.step(0)
+    strip = image_at(read_events(tmp_path), "cnnvis/saliency/input/probe_000")
+    assert strip.shape[1] == 2 + 3 * (96 + 2)  # input, deconvnet, guided Grad-CAM
+    assert model.training

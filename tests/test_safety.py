@@ -16,6 +16,8 @@ from torch.utils._pytree import tree_leaves
 
 from cnnvis_tb import VisLogger, grad_cam
 from cnnvis_tb.kinds import ALL_KINDS
+from cnnvis_tb.kinds.cam_methods import METHODS as CAM_METHODS
+from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 
 STEPS = 50
 
@@ -30,7 +32,7 @@ def _train(log_dir=None, *, call_between=False):
     if log_dir is not None:
         vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS,
                         strict=True, actmax_steps=2, actmax_channels=2,
-                        saliency_methods=("vanilla", "smoothgrad", "guided"))
+                        saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS))
     for step in range(STEPS):
         x, y = make_batch(step)
         loss = nn.functional.cross_entropy(model(x), y)

@@ -1,6 +1,6 @@
 """Saliency: how much each input pixel moves the target class score.
 
-Three methods, each giving ``[N, H, W]`` maps in ``[0, 1]`` (max over colour channels of the gradient's magnitude):
+Five methods, each giving ``[N, H, W]`` maps in ``[0, 1]`` (max over colour channels of the gradient's magnitude):
 
 * ``"vanilla"``: the gradient of the class score with respect to the input (Simonyan et al., 2014);
 * ``"smoothgrad"``: the gradient averaged over noisy copies of each image (Smilkov et al., 2017), the copies of all
@@ -11,6 +11,10 @@ Three methods, each giving ``[N, H, W]`` maps in ``[0, 1]`` (max over colour cha
   (thread-local) swaps each ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu`` and their in-place forms) for a
   guided one that returns the same values. In-place ReLUs then return a new tensor instead of writing into their
   input, which models that use the returned value (all of torchvision's) do not notice.
+* ``"deconvnet"``: the deconvolution view (Zeiler & Fergus, 2014), through the same swap: every ReLU passes back the
+  positive part of the gradient, wherever its input was (the forward mask is not applied backwards);
+* ``"guided_gradcam"``: guided Grad-CAM (Selvaraju et al., 2017): the guided-backpropagation map times the Grad-CAM
+  map of the CAM layer, upsampled to the input, rescaled to ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
-from cnnvis_tb.kinds.gradcam import PANEL, normalize_maps, resolve_targets
-from cnnvis_tb.layers import select_output, unwrap_model
+from cnnvis_tb.kinds.gradcam import PANEL, cam, normalize_maps, resolve_targets
+from cnnvis_tb.layers import default_cam_layer, select_output, trace_layers, unwrap_model
 from cnnvis_tb.render import as_rgb, caption, colorize, fit, make_grid, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["saliency", "saliency_from_gradients", "check_saliency_methods", "Saliency", "SALIENCY_METHODS", "MAX_BATCH"]
+__all__ = ["saliency", "saliency_from_gradients", "guided_gradcam", "check_saliency_methods", "Saliency",
+           "SALIENCY_METHODS", "MAX_BATCH"]
 
-SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided")
+SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided", "deconvnet", "guided_gradcam")
+#: Methods that swap the model's ReLUs for ones with another backward rule during their forward pass.
+_RELU_METHODS = ("guided", "deconvnet", "guided_gradcam")
 #: Noisy images per forward pass of SmoothGrad by default (copies of several images share a pass).
 MAX_BATCH = 64
 
@@ -57,21 +64,36 @@ class _GuidedReLU(torch.autograd.Function):
         return torch.where(out > 0, grad.clamp_min(0), torch.zeros_like(grad))
 
 
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU whose backward is the deconvnet's (Zeiler & Fergus): the positive part of the gradient, wherever the
+    input was."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp_min(0)
+
+
 _RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 
 class _GuidedReLUs(TorchFunctionMode):
-    """Within the mode (this thread only), every ReLU call is a guided one; ``count`` says how many ran."""
+    """Within the mode (this thread only), every ReLU call is a guided one (or, with ``rule=_DeconvReLU``, a
+    deconvnet one); ``count`` says how many ran."""
 
-    def __init__(self) -> None:
+    def __init__(self, rule: type[torch.autograd.Function] = _GuidedReLU) -> None:
         super().__init__()
         self.count = 0
+        self.rule = rule
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELUS:
             self.count += 1
-            return _GuidedReLU.apply(args[0] if args else kwargs["input"])
+            return self.rule.apply(args[0] if args else kwargs["input"])
         return func(*args, **kwargs)
 
 
@@ -141,9 +163,12 @@ def input_gradients(
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int (noisy images per pass), got {batch_size!r}")
     x = images.detach()
-    if method in ("vanilla", "guided"):
+    if method == "guided_gradcam":
+        raise ValueError("guided_gradcam is a map, not a gradient: use saliency(..., method='guided_gradcam')")
+    if method in ("vanilla", "guided", "deconvnet"):
         x = x.clone().requires_grad_(True)
-        with _GuidedReLUs() if method == "guided" else contextlib.nullcontext() as mode:
+        rule = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}.get(method)
+        with _GuidedReLUs(rule) if rule is not None else contextlib.nullcontext() as mode:
             scores = select_output(net(x), output_selector)
         if mode is not None and mode.count == 0:
             raise ValueError(_NO_RELU)
@@ -183,6 +208,7 @@ def saliency(
     noise: float = 0.15,
     seed: int = 0,
     batch_size: int | None = None,
+    layer: str | nn.Module | None = None,
     output_selector: Callable[[object], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Saliency maps ``[N, H, W]`` in ``[0, 1]`` for the target classes (None: each image's predicted class).
@@ -190,7 +216,10 @@ def saliency(
     Args:
         method: ``"vanilla"`` (input gradient), ``"smoothgrad"`` (gradient averaged over ``samples`` noisy copies,
             noise std ``noise`` × the image's value range, drawn from a generator seeded with ``seed``) or
-            ``"guided"`` (guided backpropagation through the model's ReLUs).
+            ``"guided"`` (guided backpropagation through the model's ReLUs), ``"deconvnet"`` (Zeiler & Fergus: each
+            ReLU passes back the positive part of the gradient, wherever its input was) or ``"guided_gradcam"``
+            (Selvaraju et al.: the guided-backpropagation map times the Grad-CAM map of ``layer``, upsampled).
+        layer: Grad-CAM's layer for ``guided_gradcam`` (default: the last convolutional block before pooling).
         batch_size: SmoothGrad's noisy images per forward pass (default :data:`MAX_BATCH`): the memory bound.
 
     Gradients are taken with ``torch.autograd.grad`` with respect to copies of ``images``; the model is left as it was.
@@ -200,11 +229,24 @@ def saliency(
     net = unwrap_model(model)
     with preserved(net):
         x = images.detach().to(device=model_device(net), dtype=model_dtype(net))
-        if method == "guided":
+        if method in _RELU_METHODS:
             check_guided(net, x[:1], output_selector)
+        if method == "guided_gradcam":
+            if layer is None:
+                traces, _ = trace_layers(net, x[:1])
+                layer = default_cam_layer(traces)
+            grad, t = input_gradients(net, x, targets, "guided", output_selector=output_selector)
+            return guided_gradcam(saliency_from_gradients(grad),
+                                  cam(net, x, layer, t, "gradcam", output_selector=output_selector))
         grad, _ = input_gradients(net, x, targets, method, samples=samples, noise=noise, seed=seed,
                                   batch_size=batch_size, output_selector=output_selector)
     return saliency_from_gradients(grad)
+
+
+def guided_gradcam(guided: torch.Tensor, gradcam: torch.Tensor) -> torch.Tensor:
+    """Guided Grad-CAM ``[N, H, W]`` in ``[0, 1]``: the guided-backpropagation map (max over colour channels of
+    ``|grad|``) times the Grad-CAM map at the input's resolution, rescaled (the product of two maps in ``[0, 1]``)."""
+    return normalize_maps(guided.float() * gradcam.float().to(guided.device))
 
 
 def check_saliency_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
@@ -228,7 +270,8 @@ def check_saliency_methods(methods: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-_METHOD_LABELS = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP"}
+_METHOD_LABELS = {"vanilla": "gradient", "smoothgrad": "SmoothGrad", "guided": "guided BP", "deconvnet": "deconvnet",
+                  "guided_gradcam": "guided Grad-CAM"}
 
 
 class Saliency(Kind):
@@ -251,7 +294,8 @@ class Saliency(Kind):
 
     def setup(self, info: ModelInfo) -> None:
         super().setup(info)
-        if "guided" in self.methods:
+        self.cam_layer = info.cam_layer() if "guided_gradcam" in self.methods else None
+        if any(m in _RELU_METHODS for m in self.methods):
             with preserved(info.net), torch.no_grad():
                 x = info.probe.images[:1].to(device=model_device(info.net), dtype=model_dtype(info.net))
                 check_guided(info.net, x, info.output_selector)
@@ -269,18 +313,27 @@ class Saliency(Kind):
         key = self._target(ctx)
         targets = ctx.shared.targets[key]
 
+        selector = ctx.info.output_selector
+
         def gradients(method: str) -> torch.Tensor:
             if method == "vanilla":  # from the shared forward pass
                 return ctx.shared.grads[key]["input"]
             return input_gradients(ctx.net, ctx.shared.inputs.detach(), targets, method, seed=ctx.info.seed,
-                                   batch_size=len(targets), output_selector=ctx.info.output_selector)[0]
+                                   batch_size=len(targets), output_selector=selector)[0]
 
-        grads = {}
+        def saliency_map(method: str) -> torch.Tensor:
+            if method == "guided_gradcam":
+                guided = maps["guided"] if "guided" in maps else saliency_from_gradients(gradients("guided"))
+                return guided_gradcam(guided, cam(ctx.net, ctx.shared.inputs.detach(), self.cam_layer, targets,
+                                                  "gradcam", output_selector=selector))
+            return saliency_from_gradients(gradients(method))
+
+        maps: dict[str, torch.Tensor] = {}
         for method in self.methods:
-            g = ctx.guarded(f"saliency ({method})", lambda m=method: gradients(m))
-            if g is not None:
-                grads[method] = g
-        return grads
+            m = ctx.guarded(f"saliency ({method})", lambda m=method: saliency_map(m))
+            if m is not None:
+                maps[method] = m
+        return maps
 
     def log(self, ctx: StepContext, out: Output, computed: dict[str, torch.Tensor]) -> None:
         if not computed:  # every method failed, and said so
@@ -288,7 +341,7 @@ class Saliency(Kind):
         key = self._target(ctx)
         targets = ctx.shared.targets[key].cpu()
         shown = ctx.shown
-        columns = [(fit(colorize(saliency_from_gradients(computed[m]).cpu(), "inferno"), PANEL, PANEL),
+        columns = [(fit(colorize(computed[m].cpu(), "inferno"), PANEL, PANEL),
                     _METHOD_LABELS[m]) for m in computed]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
         for i in range(shown.shape[0]):
