@@ -199,6 +199,7 @@ class VisLogger:
         if self._active:  # ranks that never write need not import TensorBoard's writer
             use_fast_checksums()
         self._closed = False
+        self._stopped = False  # writing failed: nothing more is logged (training goes on)
         self._table_logged = False
         self._last_logged: dict[str, int] = {}
         _open_loggers.add(self)
@@ -266,7 +267,7 @@ class VisLogger:
         Call it once per training step, anywhere in the loop (also between ``backward()`` and
         ``optimizer.step()``). When nothing is due it returns at once: no hook, no tensor operation.
         """
-        if not self._active or self._closed:
+        if not self._active or self._closed or self._stopped:
             return False
         due = due_kinds(self._kinds, global_step, self._last_logged)
         if not due:
@@ -292,7 +293,7 @@ class VisLogger:
                 if name not in self.kinds:
                     raise self._not_logged(name)
             chosen = [k for k in self._kinds if k.name in names]
-        if not self._active:
+        if not self._active or self._stopped:
             return False
         with self._lock:
             try:
@@ -300,9 +301,12 @@ class VisLogger:
             finally:
                 for kind in chosen:
                     self._last_logged[kind.name] = global_step
-                if self._writer is not None:
-                    self._writer.flush()
-        return True
+                if self._writer is not None and not self._stopped:
+                    try:
+                        self._writer.flush()
+                    except Exception as e:
+                        self._write_failed(e)
+        return not self._stopped
 
     def close(self) -> None:
         """Wait for background work, flush, and close the writer if we created it. Safe to call twice."""
@@ -316,10 +320,17 @@ class VisLogger:
         finally:
             _open_loggers.discard(self)
             if self._writer is not None:
-                if self._owns_writer:
-                    self._writer.close()
-                elif getattr(self._writer, "all_writers", None) is not None:
-                    self._writer.flush()
+                try:  # never raises: a failed write was warned about (or raised, under strict) at its step
+                    if self._owns_writer:
+                        self._writer.close()
+                    elif getattr(self._writer, "all_writers", None) is not None:
+                        self._writer.flush()
+                except Exception as e:
+                    if not self._stopped:
+                        self._stopped = True
+                        warnings.warn(f"cnnvis_tb: closing the event writer of {self._where()} failed "
+                                      f"({type(e).__name__}: {e}); events written before stay readable",
+                                      RuntimeWarning, stacklevel=2)
 
     def __enter__(self) -> VisLogger:
         return self
@@ -336,11 +347,27 @@ class VisLogger:
             self._probe_cache = cache = (device, dtype, self.probe.images.to(device=device, dtype=dtype))
         return cache[2]
 
+    def _where(self) -> str:
+        return repr(self._log_dir if self._log_dir is not None else getattr(self._writer, "log_dir", "the writer"))
+
+    def _write_failed(self, error: BaseException) -> None:
+        """Writing the events failed (disk full, file-size limit, folder gone, the writer's thread dead): warn once
+        and stop logging, so training goes on and no later step fails again; raise under strict."""
+        self._stopped = True
+        if self.strict:
+            raise error
+        warnings.warn(f"cnnvis_tb: writing to {self._where()} failed ({type(error).__name__}: {error}); the logger "
+                      "stops writing and training continues. Events written before stay readable; free space or "
+                      "fix the folder and create a new VisLogger to log again.", RuntimeWarning, stacklevel=4)
+
     def _guarded(self, what: str, step: int, fn: Callable[[], object], failed: object = None) -> object:
         """Run one visual; on failure warn once per (what, error type) and go on (returning ``failed``), or
-        raise when strict."""
+        raise when strict. An ``OSError`` is taken for a failed write (see :meth:`_write_failed`)."""
         try:
             return fn()
+        except OSError as e:
+            self._write_failed(e)
+            return failed
         except Exception as e:
             if self.strict:
                 raise
@@ -371,6 +398,8 @@ class VisLogger:
                 shared = self._guarded("probe", step, lambda: self._probe_pass(needs))
             ctx = StepContext(step=step, info=self._info, inputs=self._probe_tensor(), shared=shared)
             for kind in kinds:
+                if self._stopped:
+                    return
                 if shared is None and kind.needs().forward:  # the shared pass failed, and said so
                     continue
                 # Network work with every thread; the rest renders small pictures, on one.
