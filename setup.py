@@ -43,7 +43,11 @@ setup(
             "lightning>=2.0",
             "grad-cam>=1.5",  # the CAM anchors the CAM family is checked against
             "torchcam>=0.4",
+            "boto3",  # s3:// log dirs through TensorBoard's file layer
+            "moto[server]>=5",  # an S3-compatible server on 127.0.0.1 for the remote log dir tests
         ],
+        "s3": ["boto3"],
+        "gcs": ["gcsfs"],
         "lightning": ["lightning>=2.0"],
         "bench": ["grad-cam>=1.5", "torchcam>=0.4"],
     },

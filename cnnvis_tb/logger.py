@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import functools
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -207,6 +208,9 @@ class VisLogger:
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _check_writable(log_dir: str) -> None:
+        if _URL.match(log_dir):
+            _check_remote(log_dir)
+            return
         try:
             os.makedirs(log_dir, exist_ok=True)
         except OSError as e:
@@ -441,6 +445,31 @@ class VisLogger:
         self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
         rows = [(k.name, k.label or k.name, k.details()) for k in self._kinds]
         self.writer.add_text(tags.KINDS_TABLE_TAG, tags.kinds_table(rows), step)
+
+
+#: A log dir naming a store rather than a local folder: ``s3://``, ``gs://`` or any fsspec protocol.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: The package that gives TensorBoard's file layer each store (s3:// goes through boto3, the others through fsspec).
+_STORE_PACKAGES = {"s3": "boto3", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hdfs": "pyarrow",
+                   "http": "aiohttp", "https": "aiohttp"}
+
+
+def _check_remote(log_dir: str) -> None:
+    """A remote log dir, checked the remote way: the store's package is installed and the location can be listed
+    (bucket and endpoint exist, credentials are accepted). No local folder is made."""
+    scheme = log_dir.split("://", 1)[0].lower()
+    package = _STORE_PACKAGES.get(scheme, f"the fsspec implementation of {scheme}://")
+    try:
+        from tensorboard.compat.tensorflow_stub.io import gfile
+
+        gfile.exists(log_dir)
+    except ImportError as e:
+        raise ValueError(f"log_dir {log_dir!r} needs {package} to write {scheme}:// through TensorBoard's file layer: "
+                         f"pip install {package.split()[0] if scheme in _STORE_PACKAGES else 'fsspec'} ({e})") from e
+    except Exception as e:
+        hint = " (S3_ENDPOINT, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION)" if scheme == "s3" else ""
+        raise ValueError(f"log_dir {log_dir!r} cannot be reached ({type(e).__name__}: {e}); check the bucket name, "
+                         f"the endpoint and the credentials{hint}") from e
 
 
 def _assign_layers(kinds: list[Kind], layers, info: ModelInfo) -> None:
