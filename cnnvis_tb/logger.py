@@ -201,6 +201,7 @@ class VisLogger:
             use_fast_checksums()
         self._closed = False
         self._stopped = False  # writing failed: nothing more is logged (training goes on)
+        self._warned_closed = False
         self._table_logged = False
         self._last_logged: dict[str, int] = {}
         _open_loggers.add(self)
@@ -271,7 +272,14 @@ class VisLogger:
         Call it once per training step, anywhere in the loop (also between ``backward()`` and
         ``optimizer.step()``). When nothing is due it returns at once: no hook, no tensor operation.
         """
-        if not self._active or self._closed or self._stopped:
+        if self._closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                warnings.warn(f"cnnvis_tb: vis.step({global_step}) after vis.close(): nothing is logged any more; "
+                              "close the VisLogger after the training loop (or use `with VisLogger(...) as vis:`)",
+                              RuntimeWarning, stacklevel=2)
+            return False
+        if not self._active or self._stopped:
             return False
         due = due_kinds(self._kinds, global_step, self._last_logged)
         if not due:

@@ -163,3 +163,15 @@ def test_a_failing_shared_pass_warns_once_and_kinds_without_it_still_log(tmp_pat
     acc = read_events(tmp_path)
     assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"kernels"}
     assert [e.step for e in acc.Images("cnnvis/kernels/stem.0/grid")] == [0, 1, 2]
+
+
+def test_step_after_close_warns_once_and_logs_nothing(tmp_path):
+    vis = tiny_logger(tmp_path, kinds=["kernels"], every=1)
+    vis.step(0)
+    vis.close()
+    with pytest.warns(RuntimeWarning, match=r"vis.step\(1\) after vis.close\(\): nothing is logged"):
+        assert vis.step(1) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert vis.step(2) is False
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")] == [0]
