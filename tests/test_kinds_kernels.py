@@ -44,10 +44,19 @@ def test_kernel_grid_deep_grouped_and_capped():
         wide.weight[0, 0] = 1.0
         wide.weight[0, 1] = -1.0
     picture = kernel_grid(wide, max_kernels=64, max_in_channels=16)
-    # 64 rows (cap) × 16 columns of 16 px tiles
-    assert picture.shape == (3, 1 + 64 * 17, 1 + 16 * 17)
+    # 64 kernels (cap) of 16 input tiles of 16 px, wrapped near square: 2 blocks of 32 rows, one blank tile apart
+    assert picture.shape == (3, 1 + 32 * 17, 1 + (2 * 16 + 1) * 17)
     red, blue, white = picture[:, 1, 1], picture[:, 1, 18], picture[:, 1, 35]
     assert red[0] > 0.35 and red[2] < 0.2 and blue[2] > 0.35 and blue[0] < 0.1 and (white > 0.95).all()
+    separator = picture[:, 1:, 1 + 16 * 17: 16 * 17 + 17]
+    assert (separator > 0.95).all()  # the blank tile between the blocks
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[32, 0] = 1.0  # kernel 32 opens the second block, in its first row
+    second = kernel_grid(wide, max_kernels=64, max_in_channels=16)
+    first_tile_of_block_2 = second[:, 1:17, 1 + 17 * 17: 17 * 17 + 17]
+    assert first_tile_of_block_2[0].min() > 0.35 and first_tile_of_block_2[2].max() < 0.2  # red
+    assert (second[:, 1:17, 1:17] > 0.6).all()  # kernel 0 is now 0: white-ish, not red
 
 
 def test_one_channel_input_kernels_are_diverging_heat_tiles():

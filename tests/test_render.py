@@ -112,7 +112,7 @@ def test_caption_lines_from_the_glyph_atlas_match_pillows_own_drawing():
     from cnnvis_tb.render import _font, _text_line
 
     font = _font(11)
-    for text in ["Grad-CAM++", "pred: triangle 97%", "top channels: 12, 4, 55, 3", "true: {circle} <b>&amp;"]:
+    for text in ["Grad-CAM++", "pred: triangle · 97%", "pred: class 3 · 25%", "top channels: 12, 4, 55, 3", "true: {circle} <b>&amp;"]:
         canvas = Image.new("RGB", (200, 14), (255, 255, 255))
         ImageDraw.Draw(canvas).text((2, 0), text, fill=(20, 20, 20), font=font)
         expected = np.asarray(canvas, dtype=np.float32) / 255

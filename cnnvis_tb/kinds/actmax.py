@@ -481,7 +481,7 @@ class ActMax(Kind):
         for layer, images in per_layer.items():
             channels = [c for name, c in self.targets if name == layer]
             grid = make_grid(fit(as_rgb(images), 64, 96), ncol=min(8, len(channels)), padding=2)
-            picture = caption(grid, [f"{layer} channels: " + " ".join(map(str, channels))])
+            picture = caption(grid, [f"{layer} channels: " + ", ".join(map(str, channels))])
             out.image(layer, "channels", to_uint8(picture))
 
     def _in_background(self, snapshot: nn.Module, step: int) -> None:

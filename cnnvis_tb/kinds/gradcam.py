@@ -345,7 +345,7 @@ class GradCam(Kind):
                 panels = [caption(inputs[i], ["input", true])]
                 for overlays, label, key in columns:
                     cls = int(targets[key][i])
-                    panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} {probs[i, cls]:.0%}"]))
+                    panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
                 out.image(layer, tags.probe_view(i), to_uint8(strip))
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones

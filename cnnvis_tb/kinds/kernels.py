@@ -10,6 +10,7 @@ colormap (blue < 0 < red). Non-finite weights are drawn as 0 and counted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,8 @@ def render_kernels(
 
     RGB kernels (``I == 3``) and single-channel kernels (``I == 1``: grayscale input, depthwise convolutions)
     are laid out in a near-square grid, one tile per kernel. Other kernels get one row per output channel
-    and one column per input channel. Tiles are enlarged with nearest-neighbour by an integer factor so the
+    and one column per input channel; many rows are wrapped into side-by-side blocks (one white tile apart) so the
+    grid stays near square. Tiles are enlarged with nearest-neighbour by an integer factor so the
     shorter side is at least ``min_tile`` pixels.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
@@ -80,9 +82,31 @@ def render_kernels(
         o, i, kh, kw = values.shape
         tiles = colorize(values.reshape(o * i, kh, kw), "rdbu")  # [O*I, 3, kh, kw], row-major: out, then in
         ncol = None if i == 1 else i
+        if i > 1:
+            tiles, ncol = _wrap_rows(tiles, o, i)
     # Quantized before enlarging: the grid (up to ~1000 x 300 px) is laid out in bytes, not floats.
     grid = make_grid(upscale(to_uint8(tiles), min_tile), ncol=ncol, padding=padding, pad_value=255)
     return KernelGrid(grid, w.shape[0], total_out, shown_in, total_in, nonfinite)
+
+
+def _wrap_rows(tiles: torch.Tensor, o: int, i: int) -> tuple[torch.Tensor, int]:
+    """Rows of ``i`` tiles (one per output kernel) wrapped into side-by-side blocks, so a deep layer's grid is near
+    square instead of a tall strip: kernel ``k`` sits in block ``k // rows``, row ``k % rows``; one white tile
+    separates the blocks. Returns the tiles in row-major order and the column count."""
+    blocks = max(1, round(math.sqrt(o / (i + 1))))
+    if blocks == 1:
+        return tiles, i
+    rows = math.ceil(o / blocks)
+    blank = torch.ones_like(tiles[:1])
+    per_kernel = tiles.view(o, i, *tiles.shape[1:])
+    order = []
+    for r in range(rows):
+        for b in range(blocks):
+            k = b * rows + r
+            order.extend(per_kernel[k] if k < o else blank.expand(i, *tiles.shape[1:]))
+            if b < blocks - 1:
+                order.append(blank[0])
+    return torch.stack(order), blocks * (i + 1) - 1
 
 
 def kernel_grid(
