@@ -33,6 +33,7 @@ setup(
         "numpy>=1.23",
         "pillow>=9.0",
         "google-crc32c>=1.5",  # C checksums for TensorBoard event records (see cnnvis_tb/events.py)
+        "tqdm>=4.60",  # progress bars of the examples (cnnvis_tb.progress)
     ],
     extras_require={
         "test": [

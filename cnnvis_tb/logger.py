@@ -10,9 +10,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import re
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,6 +43,11 @@ from cnnvis_tb.safety import model_device, model_dtype, preserved, single_thread
 from cnnvis_tb.schedule import due_kinds
 
 __all__ = ["VisLogger"]
+
+#: Progress of long logging work at INFO (silent unless the application configures logging, as the examples do).
+log = logging.getLogger("cnnvis_tb")
+#: A kind taking longer than this (seconds) at a logging step is reported at INFO.
+SLOW_KIND_SECONDS = 1.0
 
 _FAILED = object()
 
@@ -204,6 +211,8 @@ class VisLogger:
         self._warned_closed = False
         self._table_logged = False
         self._last_logged: dict[str, int] = {}
+        #: ``{kind: seconds}`` of the latest logging step, for the kinds it logged (progress bars show it).
+        self.last_times: dict[str, float] = {}
         _open_loggers.add(self)
 
     # ------------------------------------------------------------------ validation
@@ -308,6 +317,7 @@ class VisLogger:
         if not self._active or self._stopped:
             return False
         with self._lock:
+            self.last_times = {}
             try:
                 self._log(global_step, chosen)
             finally:
@@ -415,11 +425,14 @@ class VisLogger:
                 if shared is None and kind.needs().forward:  # the shared pass failed, and said so
                     continue
                 # Network work with every thread; the rest renders small pictures, on one.
+                start = time.perf_counter()
                 computed = self._guarded(kind.name, step, lambda k=kind: k.compute(ctx), failed=_FAILED)
-                if computed is _FAILED:
-                    continue
-                with single_threaded():
-                    self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
+                if computed is not _FAILED:
+                    with single_threaded():
+                        self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
+                seconds = self.last_times[kind.name] = time.perf_counter() - start
+                if seconds >= SLOW_KIND_SECONDS:
+                    log.info("step %d: %s took %.1f s", step, kind.name, seconds)
 
     def _probe_pass(self, needs: Needs) -> ProbePass:
         record = run_probe_pass(self._net, self._probe_tensor(), needs, self.probe.labels, self.output_selector)

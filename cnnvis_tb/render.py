@@ -227,9 +227,9 @@ _TEXT_INK = 20 / 255  # caption text colour (dark grey), on white
 
 
 class _GlyphAtlas:
-    """Printable ASCII, the ellipsis and the middle dot, each rendered once by Pillow; lines are then composed by placing glyphs
-    side by side (no kerning), which costs microseconds where a Pillow ``draw.text`` call costs about a
-    millisecond. Lines with other characters are drawn by Pillow."""
+    """Printable ASCII, the ellipsis and the middle dot, each rendered once by Pillow; lines are then composed by
+    placing glyphs side by side (no kerning), which costs microseconds where a Pillow ``draw.text`` call costs about
+    a millisecond. Lines with other characters are drawn by Pillow."""
 
     CHARS = "".join(chr(i) for i in range(32, 127)) + "…·"
     PAD = 4  # pixels on each side of a glyph's cell, for ink beyond its advance (italic-like overhangs)

@@ -19,6 +19,7 @@ from torch import nn
 
 from cnnvis_tb import Kind, Needs, VisLogger
 from cnnvis_tb.demo import CLASSES, ShapesDataset, SmallCNN
+from cnnvis_tb.progress import TrainingBar, fresh_run_dir
 from cnnvis_tb.render import colorize
 
 
@@ -63,7 +64,7 @@ def main(argv=None) -> str:
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, drop_last=True)
-    log_dir = f"{args.logdir}/{args.run_name}"
+    log_dir = str(fresh_run_dir(f"{args.logdir}/{args.run_name}"))  # a new folder if that run holds events
     every = max(1, args.steps // 4)
     vis = VisLogger(
         model, log_dir, probe=test, mean=train.mean, std=train.std, class_names=CLASSES,
@@ -71,6 +72,7 @@ def main(argv=None) -> str:
         every={"gradcam": every, "features": every},
     )
     start, step = time.perf_counter(), 0
+    bar = TrainingBar(args.steps, vis)
     while step < args.steps:
         for x, y in loader:
             if step >= args.steps:
@@ -79,8 +81,9 @@ def main(argv=None) -> str:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            vis.step(step)
+            bar.step(step, loss.item(), logged=vis.step(step))
             step += 1
+    bar.close()
     vis.log_now(args.steps)
     vis.close()
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; logged to {log_dir}")

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from cnnvis_tb import VisLogger
+from cnnvis_tb.kinds import ALL_KINDS, DEFAULT_KINDS
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
-from cnnvis_tb.kinds import ALL_KINDS, DEFAULT_KINDS
+from cnnvis_tb.progress import TrainingBar, fresh_run_dir, show_progress_logs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: imagefolder)")
     p.add_argument("--data-root", required=True, metavar="DIR", help="where the data is (nothing is downloaded)")
     p.add_argument("--logdir", default="runs", help="parent folder of the runs (default: runs)")
-    p.add_argument("--run-name", default=None, help="sub-folder of this run (default: resnet18-<dataset>)")
+    p.add_argument("--run-name", default=None,
+                   help="sub-folder of this run (default: resnet18-<dataset>); if it already holds events, the first "
+                        "free <name>-2, <name>-3, ... is used instead, so two trainings never mix in one run")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, the shuffling and the augmentation")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
@@ -172,6 +175,11 @@ def main(argv=None) -> float:
                         num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
 
     log_dir = Path(args.logdir) / (args.run_name or f"resnet18-{args.dataset}")
+    fresh = fresh_run_dir(log_dir)
+    if fresh != log_dir:
+        print(f"{log_dir} already holds events of another training: logging to {fresh} instead")
+        log_dir = fresh
+    show_progress_logs()
     vis = VisLogger(
         model, log_dir,
         probe=Subset(probe_source, probe_indices(probe_source.targets, args.probe_size)),
@@ -182,6 +190,7 @@ def main(argv=None) -> float:
         saliency_methods=args.saliency_methods,
     )
     start, step, recent = time.perf_counter(), 0, []
+    bar = TrainingBar(args.steps, vis)
     while step < args.steps:
         for x, y in loader:
             if step >= args.steps:
@@ -192,11 +201,13 @@ def main(argv=None) -> float:
             loss.backward()
             opt.step()
             sched.step()
-            vis.step(step)
+            logged = vis.step(step)
             recent = (recent + [loss.item()])[-20:]
             if step % 10 == 0:
                 vis.writer.add_scalar("train/loss", recent[-1], step)
+            bar.step(step, recent[-1], logged=logged)
             step += 1
+    bar.close()
     vis.log_now(args.steps)  # the final state, every kind
     vis.close()
     final_loss = sum(recent) / len(recent)

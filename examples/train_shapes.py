@@ -17,12 +17,15 @@ from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, ShapesDataset, SmallCNN
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
+from cnnvis_tb.progress import TrainingBar, fresh_run_dir, show_progress_logs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", default="runs", help="parent folder of the runs (default: runs)")
-    p.add_argument("--run-name", default="shapes", help="sub-folder of this run (default: shapes)")
+    p.add_argument("--run-name", default="shapes",
+                   help="sub-folder of this run (default: shapes); if it already holds events, the first free "
+                        "shapes-2, shapes-3, ... is used instead, so two trainings never mix in one run")
     p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default: 0)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
@@ -67,6 +70,12 @@ def main(argv=None) -> float:
     aug_gen = torch.Generator().manual_seed(args.seed)
 
     log_dir = f"{args.logdir}/{args.run_name}"
+    if not args.no_vis:
+        fresh = fresh_run_dir(log_dir)
+        if str(fresh) != str(log_dir):
+            print(f"{log_dir} already holds events of another training: logging to {fresh} instead")
+            log_dir = str(fresh)
+        show_progress_logs()
     vis = None if args.no_vis else VisLogger(
         model, log_dir,
         probe=test, probe_size=8,            # the first 8 test images, with their labels
@@ -76,6 +85,7 @@ def main(argv=None) -> float:
     )
     writer = vis.writer if vis else None
     start, step = time.perf_counter(), 0
+    bar = TrainingBar(args.steps, vis)
     while step < args.steps:
         for x, y in loader:
             if step >= args.steps:
@@ -88,11 +98,12 @@ def main(argv=None) -> float:
             loss.backward()
             opt.step()
             sched.step()
-            if vis:
-                vis.step(step)
-                if step % 20 == 0:
-                    writer.add_scalar("train/loss", loss.item(), step)
+            logged = vis.step(step) if vis else False
+            if vis and step % 20 == 0:
+                writer.add_scalar("train/loss", loss.item(), step)
+            bar.step(step, loss.item(), logged=logged)
             step += 1
+    bar.close()
     accuracy = evaluate(model, test)
     if vis:
         vis.log_now(args.steps)  # the final state, every kind

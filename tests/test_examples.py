@@ -204,3 +204,34 @@ def test_custom_kind_example_logs_its_kind_beside_the_built_in_ones(tmp_path, ca
     assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"gradcam", "features", "channel_means"}
     assert f"cnnvis/metrics/channel_means/{layers[0]}/dead_fraction" in acc.Tags()["scalars"]
     assert "Channel means" in capsys.readouterr().out
+
+
+def test_train_shapes_into_a_used_run_folder_does_not_mix_two_trainings(tmp_path, capsys):
+    demo = _load("train_shapes")
+    options = ["--logdir", str(tmp_path), "--run-name", "demo", "--kinds", "kernels", "--every", "10"]
+    demo.main([*options, "--steps", "30"])
+    demo.main([*options, "--steps", "10"])  # the same command again, shorter
+    out = capsys.readouterr()
+    assert f"{tmp_path / 'demo'} already holds events of another training: logging to {tmp_path / 'demo-2'}" in out.out
+    assert [e.step for e in read_events(tmp_path / "demo").Images("cnnvis/kernels/features.0.0/grid")] == [0, 10, 20, 30]
+    assert [e.step for e in read_events(tmp_path / "demo-2").Images("cnnvis/kernels/features.0.0/grid")] == [0, 10]
+    assert "training: 100%" in out.err and "logged=@" in out.err  # the progress bar names the logging steps
+
+
+def test_the_training_bar_reports_the_kinds_of_each_logging_step(tmp_path, capsys):
+    import torch
+
+    from cnnvis_tb.progress import TrainingBar
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    with VisLogger(model, tmp_path, probe=torch.rand(2, 3, 8, 8), kinds=["kernels", "histograms"],
+                   every={"kernels": 2, "histograms": 3}) as vis:
+        bar = TrainingBar(4, vis, mininterval=0)
+        for step in range(4):
+            bar.step(step, 1.0 / (step + 1), logged=vis.step(step))
+            if step == 3:
+                assert bar.logged.startswith("@3 histograms ") and "kernels" not in bar.logged
+        bar.close()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=0.250" in err

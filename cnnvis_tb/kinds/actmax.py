@@ -13,6 +13,7 @@ parameters and their ``.grad`` are never touched.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -28,6 +29,8 @@ from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_
 from cnnvis_tb.layers import resolve_layer, unwrap_model
 from cnnvis_tb.render import as_rgb, caption, fit, make_grid, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
+
+_log = logging.getLogger("cnnvis_tb")
 
 __all__ = [
     "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
@@ -430,6 +433,8 @@ class ActMax(Kind):
 
     # ------------------------------------------------------------------ a logging step
     def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
+        _log.info("step %d: activation maximization of %d channels, %d steps%s", ctx.step, len(self.targets),
+                  self.steps, " (in the background)" if self.background else "")
         if not self.background:
             return self._images(ctx.net)
         self._forget_parents_worker()

@@ -6,6 +6,7 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the hooked acti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from cnnvis_tb.safety import model_device, model_dtype, preserved
 __all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam"]
 
 _EPS = 1e-7
+_log = logging.getLogger("cnnvis_tb")
 
 
 def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
@@ -290,6 +292,10 @@ class GradCam(Kind):
         shared = ctx.shared
         maps: dict[tuple[str, str, str], torch.Tensor] = {}
         keys = [k for k in ("true", "pred") if k in shared.targets]
+        costly = [s.label for s in self._specs if s.forwards]
+        if costly:
+            _log.info("step %d: %s on %s (one perturbed image per channel, probe image and target)", ctx.step,
+                      " and ".join(costly), ", ".join(self.layers))
         for layer, module in self.each_layer(ctx.net):
             acts = shared.graph_activations.get(layer, shared.activations.get(layer))
             if acts is None:

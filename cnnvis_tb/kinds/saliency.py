@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -328,6 +329,8 @@ class Saliency(Kind):
                                                   "gradcam", output_selector=selector))
             return saliency_from_gradients(gradients(method))
 
+        if "smoothgrad" in self.methods:
+            logging.getLogger("cnnvis_tb").info("step %d: SmoothGrad over %d noisy copies", ctx.step, 16 * len(targets))
         maps: dict[str, torch.Tensor] = {}
         for method in self.methods:
             m = ctx.guarded(f"saliency ({method})", lambda m=method: saliency_map(m))
