@@ -46,7 +46,9 @@ setup(
             "torchcam>=0.4",
             "boto3",  # s3:// log dirs through TensorBoard's file layer
             "moto[server]>=5",  # an S3-compatible server on 127.0.0.1 for the remote log dir tests
+            "timm>=0.9",
         ],
+        "timm": ["timm>=0.9"],
         "s3": ["boto3"],
         "gcs": ["gcsfs"],
         "lightning": ["lightning>=2.0"],
