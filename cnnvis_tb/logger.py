@@ -85,8 +85,8 @@ class VisLogger:
             starts at its interval: on the random weights of step 0 it shows nothing learned, and it is the
             costliest kind (``log_now(0, kinds=["actmax"])`` logs it there if you want it).
         kinds: which kinds to log: built-in kind names and :class:`~cnnvis_tb.Kind` instances (a kind of your
-            own), mixed; default ``("gradcam", "features", "kernels", "actmax", "histograms")``; ``"saliency"``
-            is available too.
+            own), mixed; default ``("gradcam", "features", "kernels", "actmax", "histograms", "health")``;
+            ``"saliency"`` is available too.
         saliency_methods: the saliency maps shown side by side: any of ``"vanilla"`` (input gradient, from the
             shared forward pass), ``"smoothgrad"`` (16 noisy copies per image: about 16 more forward and backward
             passes over the probe) and ``"guided"`` (guided backpropagation: one more pass; needs ReLUs).

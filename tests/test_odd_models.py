@@ -96,7 +96,8 @@ def test_bf16_model_under_autocast(tmp_path):
     assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
     acc = read_events(tmp_path)
     kinds = {t.split("/")[1] for t in acc.Tags()["images"]}
-    assert kinds == set(ALL_KINDS) - {"histograms"} and acc.Tags()["histograms"]  # histograms are not images
+    assert kinds == set(ALL_KINDS) - {"histograms", "health"} and acc.Tags()["histograms"]  # not images
+    assert any(t.startswith("cnnvis/metrics/health/") for t in acc.Tags()["scalars"])
 
 
 def test_thread_count_restored(tmp_path):

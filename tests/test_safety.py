@@ -200,6 +200,7 @@ def test_failing_visual_warns_once_and_the_others_still_log(tmp_path, monkeypatc
     assert len(ours) == 1 and f"the {kind} visual failed" in ours[0] and "ZeroDivisionError" in ours[0], ours
     acc = read_events(tmp_path)
     logged = {t.split("/")[1] for t in acc.Tags()["images"]} | ({"histograms"} if acc.Tags()["histograms"] else set())
+    logged |= {t.split("/")[2] for t in acc.Tags()["scalars"] if t.startswith("cnnvis/metrics/")}  # scalar kinds
     assert logged == set(ALL_KINDS) - {kind}
     assert all(len(acc.Images(t)) == 2 for t in acc.Tags()["images"])
 

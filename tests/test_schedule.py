@@ -29,7 +29,7 @@ def test_default_kinds_and_intervals_come_from_the_registry():
     assert {k.name: k.every for k in kinds} == {name: DEFAULT_EVERY[name] for name in DEFAULT_KINDS}
     # the intervals the README documents
     assert DEFAULT_EVERY == {"gradcam": 200, "features": 200, "kernels": 100, "actmax": 1000, "saliency": 200,
-                             "histograms": 100}
+                             "histograms": 100, "health": 100}
 
 
 def test_kinds_come_in_the_registry_order_and_a_users_kind_after_them():
@@ -117,7 +117,7 @@ def test_the_logger_names_kinds_it_does_not_log(tmp_path):
 def test_schedule_per_kind_and_step_zero(tmp_path):
     every = {"kernels": 2, "gradcam": 3, "histograms": 5, "features": 4, "actmax": 6}
     with tiny_logger(tmp_path, every=every) as vis:
-        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms")  # actmax starts at its interval
+        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms", "health")  # actmax: at its interval
         for step in range(7):
             vis.step(step)
             vis.step(step)  # a second call at the same step (gradient accumulation) logs nothing more
@@ -132,13 +132,14 @@ def test_schedule_per_kind_and_step_zero(tmp_path):
 def test_default_schedule(tmp_path):
     with tiny_logger(tmp_path) as vis:
         assert vis.kinds == DEFAULT_KINDS
-        assert vis.every == {"kernels": 100, "features": 200, "gradcam": 200, "actmax": 1000, "histograms": 100}
-        assert vis.due(100) == ("kernels", "histograms") and vis.due(101) == ()
+        assert vis.every == {"kernels": 100, "features": 200, "gradcam": 200, "actmax": 1000, "histograms": 100,
+                             "health": 100}
+        assert vis.due(100) == ("kernels", "histograms", "health") and vis.due(101) == ()
 
 
 def test_schedule_starts_activation_maximization_at_its_interval(tmp_path):
     with tiny_logger(tmp_path) as vis:  # the default schedule
-        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms")
+        assert vis.due(0) == ("gradcam", "features", "kernels", "histograms", "health")
         assert "actmax" not in vis.due(200) and vis.due(1000) == vis.kinds
     with tiny_logger(tmp_path / "every", every={"actmax": 3}, kinds=["actmax", "kernels"]) as vis:
         logged = [s for s in range(7) if vis.step(s)]

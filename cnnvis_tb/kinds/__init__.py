@@ -11,12 +11,13 @@ from cnnvis_tb.kinds.actmax import ActMax
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
 from cnnvis_tb.kinds.features import Features
 from cnnvis_tb.kinds.gradcam import GradCam
+from cnnvis_tb.kinds.health import Health
 from cnnvis_tb.kinds.histograms import Histograms
 from cnnvis_tb.kinds.kernels import Kernels
 from cnnvis_tb.kinds.saliency import Saliency
 
 __all__ = ["BUILTIN", "ALL_KINDS", "DEFAULT_KINDS", "DEFAULT_EVERY", "Kind", "Needs", "ModelInfo", "StepContext",
-           "Output", "GradCam", "Features", "Kernels", "ActMax", "Saliency", "Histograms"]
+           "Output", "GradCam", "Features", "Kernels", "ActMax", "Saliency", "Histograms", "Health"]
 
 #: name -> class of every built-in kind, in the tab's order.
 BUILTIN: dict[str, type[Kind]] = {
@@ -28,6 +29,7 @@ BUILTIN: dict[str, type[Kind]] = {
         ActMax,
         Saliency,
         Histograms,
+        Health,
     )
 }
 #: Every built-in kind's name.
