@@ -1,0 +1,340 @@
+"""The CAM family against the anchors (pytorch-grad-cam, torch-cam) and references written here."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from _models import TinyCNN, hook_counts, make_batch
+from torch import nn
+
+from cnnvis_tb import cam
+from cnnvis_tb.demo import SmallCNN
+from cnnvis_tb.kinds.cam_methods import METHODS
+
+try:
+    import pytorch_grad_cam as pgc
+    import torchcam.methods as tcm
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+except ImportError:  # pragma: no cover - installed by .[test]
+    pgc = tcm = None
+    if os.environ.get("CI") == "true":
+        raise
+
+needs_anchors = pytest.mark.skipif(pgc is None, reason="grad-cam / torchcam not installed (pip install -e '.[test]')")
+
+PGC = {"gradcam": "GradCAM", "xgradcam": "XGradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM",
+       "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "fullgrad": "FullGrad"}
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; two constant maps agree when both are constant."""
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    if a.std() < 1e-9 or b.std() < 1e-9:
+        return 1.0 if (a.std() < 1e-9 and b.std() < 1e-9) else 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def cases():
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    demo = SmallCNN().eval()
+    return {
+        "resnet18": (resnet, "layer4", torch.randn(4, 3, 64, 64), torch.tensor([1, 4, 7, 9])),
+        "demo": (demo, "features", torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 0])),
+    }
+
+
+def _anchor(model, layer, x, targets, method):
+    # the copy must own the hooked layer: build the extractor on one copy
+    twin = copy.deepcopy(model)
+    cls = getattr(pgc, PGC[method])
+    layers = [] if method == "fullgrad" else [dict(twin.named_modules())[layer]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = cls(model=twin, target_layers=layers)
+        try:
+            return extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        finally:
+            extractor.activations_and_grads.release()
+
+
+@needs_anchors
+@pytest.mark.parametrize("case", ["resnet18", "demo"])
+@pytest.mark.parametrize("method", list(PGC))
+def test_every_method_agrees_with_pytorch_grad_cam(cases, case, method):
+    model, layer, x, targets = cases[case]
+    ours = cam(model, x, layer, targets, method, batch_size=32).numpy()
+    theirs = _anchor(model, layer, x, targets, method)
+    corr = [_corr(a, b) for a, b in zip(ours, theirs, strict=True)]
+    assert min(corr) >= 0.99, (method, corr)
+
+
+def _reference(acts: torch.Tensor, grads: torch.Tensor, method: str, flip: bool = False) -> torch.Tensor:
+    """Written out from the papers, per image, with loops over channels (slow, plain)."""
+    n, k = acts.shape[:2]
+    out = []
+    for i in range(n):
+        a, g = acts[i].double(), grads[i].double()
+        if method == "gradcam++":
+            num, den = g**2, 2 * g**2 + a.sum(dim=(1, 2), keepdim=True) * g**3
+            alpha = torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
+            w = (alpha * g.clamp_min(0)).sum(dim=(1, 2))
+            m = sum(w[c] * a[c] for c in range(k))
+        else:  # eigencam / eigengradcam
+            x = a if method == "eigencam" else a * g
+            rows = x.flatten(1).T  # [hw, K]
+            centred = rows - rows.mean(0)
+            _, _, vt = np.linalg.svd(centred.numpy(), full_matrices=False)
+            proj = centred @ torch.from_numpy(vt[0])
+            total = rows.sum(1)
+            if (((proj - proj.mean()) * (total - total.mean())).sum() < 0) != flip:  # our sign rule (or not)
+                proj = -proj
+            m = proj.view(x.shape[1:])
+        out.append(m.clamp_min(0).float())
+    return torch.stack(out)
+
+
+def _acts_and_grads(model, layer, x, targets):
+    saved = {}
+    twin = copy.deepcopy(model).eval()
+
+    def hook(_m, _i, o):
+        o = o.clone()
+        o.retain_grad()
+        saved["a"] = o
+        return o
+
+    dict(twin.named_modules())[layer].register_forward_hook(hook)
+    twin(x).gather(1, targets[:, None]).sum().backward()
+    return saved["a"].detach(), saved["a"].grad.detach()
+
+
+def _upsample_scale(maps: torch.Tensor, size) -> torch.Tensor:
+    maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    return torch.where(hi - lo > 1e-7, (maps - lo) / (hi - lo).clamp_min(1e-7), torch.zeros_like(maps))
+
+
+@pytest.mark.parametrize("case", ["resnet18", "demo"])
+@pytest.mark.parametrize("method", ["gradcam++", "eigencam", "eigengradcam"])
+def test_methods_where_the_anchors_differ_follow_the_paper(cases, case, method):
+    model, layer, x, targets = cases[case]
+    acts, grads = _acts_and_grads(model, layer, x, targets)
+    expected = _upsample_scale(_reference(acts, grads, method), x.shape[-2:])
+    ours = cam(model, x, layer, targets, method)
+    corr = [_corr(a.numpy(), b.numpy()) for a, b in zip(ours, expected, strict=True)]
+    assert min(corr) >= 0.999, corr
+
+
+@needs_anchors
+@pytest.mark.parametrize("method", ["gradcam++", "eigencam", "eigengradcam"])
+def test_the_anchors_agree_up_to_their_eps_or_svd_sign(cases, method):
+    model, layer, x, targets = cases["demo"]
+    ours = cam(model, x, layer, targets, method).numpy()
+    name = {"gradcam++": "GradCAMPlusPlus", "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM"}[method]
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = getattr(pgc, name)(model=twin, target_layers=[dict(twin.named_modules())[layer]])
+        theirs = extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        extractor.activations_and_grads.release()
+    if method == "gradcam++":  # pytorch-grad-cam adds 1e-6 to the denominator
+        assert min(_corr(a, b) for a, b in zip(ours, theirs, strict=True)) >= 0.98
+        return
+    acts, grads = _acts_and_grads(model, layer, x, targets)
+    flipped = _upsample_scale(_reference(acts, grads, method, flip=True), x.shape[-2:]).numpy()
+    for a, f, b in zip(ours, flipped, theirs, strict=True):  # LAPACK's sign is ours, or the other one
+        assert max(_corr(a, b), _corr(f, b)) >= 0.99
+
+
+@needs_anchors
+@pytest.mark.parametrize("method", ["cam", "gradcam", "xgradcam", "layercam", "scorecam"])
+def test_torch_cam_agrees(cases, method):
+    model, layer, x, targets = cases["resnet18"]
+    twin = copy.deepcopy(model)
+    name = {"cam": "CAM", "gradcam": "GradCAM", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
+            "scorecam": "ScoreCAM"}[method]
+    kwargs = {"fc_layer": "fc"} if method == "cam" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = getattr(tcm, name)(twin, target_layer=layer, **kwargs)
+        with torch.set_grad_enabled(method not in ("cam", "scorecam")):
+            scores = twin(x)
+        (maps,) = extractor(targets.tolist(), scores, normalized=False)
+        extractor.remove_hooks()
+    # torch-cam leaves CAM's map un-rectified; we (as pytorch-grad-cam) apply the ReLU to every method's map
+    theirs = F.interpolate(maps[:, None].float().relu(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    ours = cam(model, x, layer, targets, method)
+    corr = [_corr(a.numpy(), b.detach().numpy()) for a, b in zip(ours, theirs, strict=True)]
+    assert min(corr) >= 0.99, corr
+
+
+def test_callable_and_int_and_predicted_targets(cases):
+    model, layer, x, _ = cases["demo"]
+    summed = cam(model, x, layer, lambda out: out[:, 1] + out[:, 3], "gradcam")
+    acts, grads = _acts_and_grads_of(model, layer, x, lambda out: out[:, 1] + out[:, 3])
+    expected = _upsample_scale(torch.einsum("nk,nkhw->nhw", grads.mean(dim=(2, 3)), acts).clamp_min(0),
+                               x.shape[-2:])
+    assert torch.allclose(summed, expected, atol=1e-5)
+    pred = model(x).argmax(1)
+    assert torch.allclose(cam(model, x, layer, None), cam(model, x, layer, pred))
+    assert torch.allclose(cam(model, x, layer, 2), cam(model, x, layer, [2, 2, 2, 2]))
+    with pytest.raises(ValueError, match=r"expected shape \(4,\), got \(4, 4\)"):
+        cam(model, x, layer, lambda out: out, "gradcam")
+    with pytest.raises(ValueError, match="give class targets"):
+        cam(model, x, layer, lambda out: out[:, 0], "cam")
+
+
+def _acts_and_grads_of(model, layer, x, target_fn):
+    saved = {}
+    twin = copy.deepcopy(model).eval()
+
+    def hook(_m, _i, o):
+        o = o.clone()
+        o.retain_grad()
+        saved["a"] = o
+        return o
+
+    dict(twin.named_modules())[layer].register_forward_hook(hook)
+    target_fn(twin(x)).sum().backward()
+    return saved["a"].detach(), saved["a"].grad.detach()
+
+
+def test_bad_input():
+    model = TinyCNN()
+    x, _ = make_batch(0, n=2)
+    with pytest.raises(ValueError, match=r"unknown CAM method 'scorcam' \(did you mean 'scorecam'"):
+        cam(model, x, "body", method="scorcam")
+
+    class NoGap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc1, self.fc2 = nn.Linear(4 * 16 * 16, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+    with pytest.raises(ValueError, match=r"CAM needs global average pooling .*Use method='gradcam'"):
+        cam(NoGap(), x, "conv", method="cam")
+
+
+class SkipAfter(nn.Module):
+    """A skip connection from the stem to after the CAM layer: the network after the layer mixes a tensor from
+    before it, so Ablation-CAM must not run the ablated copies after the layer alone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.fc((self.block(s) + s).mean(dim=(2, 3)))
+
+
+def _ablation_reference(model, x, layer, targets):
+    module = dict(model.named_modules())[layer]
+    with torch.no_grad():
+        base = model(x).gather(1, targets[:, None])[:, 0]
+        acts = {}
+        h = module.register_forward_hook(lambda m, i, o: acts.update(a=o.clone()))
+        model(x)
+        h.remove()
+        k = acts["a"].shape[1]
+        weights = torch.empty(len(x), k)
+        for c in range(k):
+            def ablate(m, i, o, c=c):
+                o = o.clone()
+                o[:, c] = 0
+                return o
+
+            h = module.register_forward_hook(ablate)
+            weights[:, c] = (base - model(x).gather(1, targets[:, None])[:, 0]) / base
+            h.remove()
+    maps = torch.einsum("nk,nkhw->nhw", weights, acts["a"]).clamp_min(0)
+    return _upsample_scale(maps, x.shape[-2:])
+
+
+@pytest.mark.parametrize("model_and_layer", ["skip", "tiny"])
+def test_ablation_cam_equals_whole_forwards_also_when_the_fast_path_is_unsound(model_and_layer):
+    model, layer = (SkipAfter().eval(), "block") if model_and_layer == "skip" else (TinyCNN().eval(), "body")
+    x, _ = make_batch(9, n=2)
+    targets = torch.tensor([0, 2])
+    ours = cam(model, x, layer, targets, "ablationcam", batch_size=4)
+    assert torch.allclose(ours, _ablation_reference(model, x, layer, targets), atol=1e-4)
+
+
+def test_ablation_cam_runs_the_network_before_the_layer_far_fewer_times(cases):
+    model, layer, x, targets = cases["resnet18"]
+    counts = {"before": 0, "after": 0}
+    twin = copy.deepcopy(model)
+    twin.conv1.register_forward_pre_hook(lambda *a: counts.__setitem__("before", counts["before"] + 1))
+    twin.fc.register_forward_pre_hook(lambda *a, **k: counts.__setitem__("after", counts["after"] + 1))
+    cam(twin, x, layer, targets, "ablationcam", batch_size=128)
+    # 4 images x 512 channels: 16 chunks of 128 copies (+ 1 check copy); the layers before layer4 run once per chunk
+    assert counts["before"] <= 1 + 4 * 4 + 1 and counts["after"] == counts["before"]
+
+
+def test_score_cam_shares_one_forward_for_constant_channels():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(8, 3)
+            with torch.no_grad():
+                self.conv.weight[4:] = 0
+                self.conv.bias[4:] = -1.0  # channels 4..7 are 0 after the ReLU everywhere
+
+        def forward(self, x):
+            return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    model = Dead().eval()
+    x, _ = make_batch(3, n=2)
+    calls = []
+    model.conv.register_forward_pre_hook(lambda *a: calls.append(a[1][0].shape[0]))
+    maps = cam(model, x, "relu", [0, 1], "scorecam", batch_size=64)
+    # one forward of the probe, one for all constant masks, one for the 2 x 4 live masks
+    assert len(calls) == 3 and sorted(calls) == [1, 2, 8]
+    if pgc is not None:
+        assert min(_corr(a, b) for a, b in zip(maps.numpy(), _anchor(model, "relu", x, [0, 1], "scorecam"),
+                                               strict=True)) >= 0.99
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_keeps_the_model_as_it_was(method):
+    torch.manual_seed(1)
+    model = TinyCNN().train()
+    x, y = make_batch(4, n=2)
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    flags, hooks, rng = {n: m.training for n, m in model.named_modules()}, hook_counts(model), torch.get_rng_state()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), torch.autocast("cpu", dtype=torch.bfloat16):
+            maps = cam(model, x, "body", [0, 1], method, batch_size=8)
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and maps.shape == (2, 16, 16)
+    assert {n: m.training for n, m in model.named_modules()} == flags and hook_counts(model) == hooks
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+@needs_anchors
+def test_densenet_uses_the_activation_as_the_network_consumes_it():
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(weights=None, num_classes=5).eval()
+    x, targets = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    ours = cam(model, x, "features", targets, "gradcam").numpy()
+    theirs = _anchor(model, "features", x, targets, "gradcam")
+    assert min(_corr(a, b) for a, b in zip(ours, theirs, strict=True)) >= 0.99
