@@ -195,7 +195,9 @@ def _repeat_output(output: object, count: int) -> object:
 def _ablationcam(a: CamInputs) -> torch.Tensor:
     ablated = _ablated_scores(a)  # [N, K]
     base = a.base_scores.float()[:, None]
-    return _weighted((base - ablated) / base, a.acts)
+    # A score of exactly 0 (a ReLU'd classifier output) would divide by zero; dividing by a per-image constant only
+    # scales the map, which the final min-max scaling undoes, so 1 is used there.
+    return _weighted((base - ablated) / torch.where(base == 0, 1.0, base), a.acts)
 
 
 def _ablated_scores(a: CamInputs) -> torch.Tensor:
@@ -343,17 +345,20 @@ def bias_layers(net: nn.Module) -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 def linear_head(net: nn.Module, layer: str, module: nn.Module, x: torch.Tensor,
                 output_selector=None) -> nn.Linear:
-    """The linear head that CAM needs: an ``nn.Linear`` whose input is the global average of ``layer``'s output
-    (checked numerically on ``x``). Raises ``ValueError`` saying why not and what to use instead."""
+    """The linear head that CAM needs: an ``nn.Linear`` whose input is the global average of ``layer``'s output and
+    whose output is the model's class scores (both checked numerically on ``x``). Raises ``ValueError`` saying why not and what to use instead."""
     from cnnvis_tb.layers import select_output
 
     linears = {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name, i[0].detach()))
-             for name, m in linears.items()]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module, inputs, output, name):
+        seen[name] = (inputs[0].detach(), output.detach())
+
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(m, i, o, name)) for name, m in linears.items()]
     try:
         with torch.no_grad(), capture({layer: module}, for_grad=True) as acts:
-            select_output(net(x), output_selector)
+            scores = select_output(net(x), output_selector).detach()
     finally:
         for h in hooks:
             h.remove()
@@ -361,9 +366,12 @@ def linear_head(net: nn.Module, layer: str, module: nn.Module, x: torch.Tensor,
     if layer not in acts or acts[layer].dim() != 4:
         raise ValueError(f"{why}; layer {layer!r} gives no spatial map. Use method='gradcam', which needs no such head")
     pooled = acts[layer].float().mean(dim=(2, 3))
-    for name, inputs in seen.items():
-        if inputs.dim() == 2 and inputs.shape == pooled.shape and torch.allclose(inputs.float(), pooled, rtol=1e-4,
-                                                                                  atol=1e-5):
+    for name, (inputs, output) in seen.items():
+        # its input is the pooled map, and its output is the model's class scores (not a hidden layer of an MLP head)
+        if (inputs.dim() == 2 and inputs.shape == pooled.shape
+                and torch.allclose(inputs.float(), pooled, rtol=1e-4, atol=1e-5)
+                and output.shape == scores.shape and torch.allclose(output.float(), scores.float(), rtol=1e-4,
+                                                                    atol=1e-5)):
             return linears[name]
     found = ", ".join(linears) or "none"
     raise ValueError(f"{why}; in this model no nn.Linear takes the spatial mean of {layer!r} (linear layers: {found}). "
