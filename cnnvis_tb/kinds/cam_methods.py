@@ -346,7 +346,8 @@ def bias_layers(net: nn.Module) -> dict[str, tuple[nn.Module, torch.Tensor]]:
 def linear_head(net: nn.Module, layer: str, module: nn.Module, x: torch.Tensor,
                 output_selector=None) -> nn.Linear:
     """The linear head that CAM needs: an ``nn.Linear`` whose input is the global average of ``layer``'s output and
-    whose output is the model's class scores (both checked numerically on ``x``). Raises ``ValueError`` saying why not and what to use instead."""
+    whose output is the model's class scores (both checked numerically on ``x``). Raises ``ValueError`` saying why
+    not and what to use instead."""
     from cnnvis_tb.layers import select_output
 
     linears = {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
