@@ -47,6 +47,7 @@ setup(
             "boto3",  # s3:// log dirs through TensorBoard's file layer
             "moto[server]>=5",  # an S3-compatible server on 127.0.0.1 for the remote log dir tests
             "timm>=0.9",
+            "accelerate>=0.20",
         ],
         "timm": ["timm>=0.9"],
         "s3": ["boto3"],
