@@ -98,6 +98,11 @@ class VisLogger:
         cam_batch_size: perturbed images per forward pass of Score-CAM and Ablation-CAM (their memory cap).
         cam_scale: ``"image"`` (each map scaled to its own min and max) or ``"run"`` (one scale per probe image,
             method and target kept over the run, so a map that fades or spreads over training shows as such).
+        cam_metrics: log explanation-quality scalars at each Grad-CAM step (per layer, method and target: map
+            entropy and stability, and with ``probe_boxes`` / ``probe_masks`` the pointing game and the energy in
+            the box), under ``cnnvis/metrics/gradcam/...``.
+        probe_boxes: one object box per probe image ``[N, 4]`` as ``(x0, y0, x1, y1)`` in input pixels.
+        probe_masks: one object mask per probe image ``[N, H, W]`` (bool, the input's size).
         strict: raise when a visual fails instead of warning once and going on (tests use it).
         probe_size: how many samples to take from a Dataset/DataLoader probe.
         top_k: feature channels shown per probe image (the most active ones).
@@ -137,6 +142,9 @@ class VisLogger:
         cam_methods: str | Sequence[str] = ("gradcam", "gradcam++"),
         cam_batch_size: int = 64,
         cam_scale: str = "image",
+        cam_metrics: bool = True,
+        probe_boxes: Sequence[Sequence[float]] | torch.Tensor | None = None,
+        probe_masks: torch.Tensor | None = None,
         seed: int = 0,
     ) -> None:
         self._net = unwrap_model(model)
@@ -148,8 +156,12 @@ class VisLogger:
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
             actmax_background=actmax_background, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
-            cam_scale=cam_scale,
+            cam_scale=cam_scale, cam_metrics=cam_metrics, probe_boxes=probe_boxes, probe_masks=probe_masks,
         )
+        if (probe_boxes is not None or probe_masks is not None) and not any(
+                getattr(k, "metrics", False) for k in options.kinds):
+            raise ValueError("probe_boxes / probe_masks are scored by the gradcam kind's metrics (pointing game, "
+                             "energy in the box): add 'gradcam' to kinds and keep cam_metrics=True")
         self.strict = bool(strict)
         self.output_selector, self.seed = output_selector, seed
         if writer is not None and log_dir is not None:

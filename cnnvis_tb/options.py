@@ -13,7 +13,7 @@ from cnnvis_tb.kinds.base import Kind, positive_int
 from cnnvis_tb.kinds.cam_methods import check_methods
 from cnnvis_tb.kinds.gradcam import CAM_SCALES
 from cnnvis_tb.kinds.saliency import check_saliency_methods
-from cnnvis_tb.probe import Probe, load_probe
+from cnnvis_tb.probe import Probe, check_annotations, load_probe
 from cnnvis_tb.schedule import apply_every, resolve_kinds
 
 __all__ = ["CheckedOptions", "check_options"]
@@ -61,12 +61,15 @@ def check_options(
     cam_methods: str | Iterable[str] = ("gradcam", "gradcam++"),
     cam_batch_size: int = 64,
     cam_scale: str = "image",
+    cam_metrics: bool = True,
+    probe_boxes: object = None,
+    probe_masks: object = None,
 ) -> CheckedOptions:
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     kind_options = dict(top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
                         actmax_channels=actmax_channels, actmax_background=actmax_background,
                         saliency_methods=saliency_methods, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
-                        cam_scale=cam_scale)
+                        cam_scale=cam_scale, cam_metrics=cam_metrics)
     for name in ("top_k", "max_kernels", "actmax_steps"):  # checked also when their kind is not logged
         positive_int(name, kind_options[name])
     if not isinstance(actmax_channels, Mapping):
@@ -83,7 +86,8 @@ def check_options(
         raise TypeError(f"output_selector must be callable (output -> scores [N, classes]), got {output_selector!r}")
     if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
         raise TypeError(f"class_names must be a sequence of names, one per class, got {type(class_names).__name__}")
-    checked_probe = load_probe(probe, probe_labels, max_images=probe_size)
+    checked_probe = check_annotations(load_probe(probe, probe_labels, max_images=probe_size), probe_boxes,
+                                      probe_masks)
     channels = checked_probe.images.shape[1]
     return CheckedOptions(
         probe=checked_probe,

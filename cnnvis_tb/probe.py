@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Probe", "load_probe", "check_channels"]
+__all__ = ["Probe", "load_probe", "check_channels", "check_annotations"]
 
 
 @dataclass
@@ -18,6 +18,8 @@ class Probe:
 
     images: torch.Tensor
     labels: torch.Tensor | None
+    boxes: torch.Tensor | None = None  # [N, 4] float (x0, y0, x1, y1) in input pixels
+    masks: torch.Tensor | None = None  # [N, H, W] bool
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -123,3 +125,33 @@ def load_probe(
             )
         labels = labels.long().clone()
     return Probe(images, labels)
+
+
+def check_annotations(probe: Probe, boxes: object = None, masks: object = None) -> Probe:
+    """``probe`` with its object ``boxes [N, 4]`` (``x0, y0, x1, y1`` in input pixels, ``x0 < x1``, ``y0 < y1``, inside
+    the image) and/or ``masks [N, H, W]`` (bool, the input's size), checked; raises ``ValueError`` naming the
+    problem."""
+    n, _, h, w = probe.images.shape
+    if boxes is not None:
+        if isinstance(boxes, torch.Tensor):
+            b = boxes.detach().float().cpu()
+        else:
+            b = torch.as_tensor(np.asarray(boxes, dtype=np.float32))
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"probe_boxes must be [N, 4] as (x0, y0, x1, y1), got shape {list(b.shape)}")
+        if b.shape[0] != n:
+            raise ValueError(f"probe_boxes must give one box per probe image: expected {n}, got {b.shape[0]}")
+        bad = torch.nonzero((b[:, 0] >= b[:, 2]) | (b[:, 1] >= b[:, 3]))[:, 0].tolist()
+        if bad:
+            raise ValueError(f"probe_boxes {bad} have x0 >= x1 or y0 >= y1; boxes are (x0, y0, x1, y1)")
+        outside = torch.nonzero((b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h))[:, 0].tolist()
+        if outside:
+            raise ValueError(f"probe_boxes {outside} reach outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
+        probe = Probe(probe.images, probe.labels, b, probe.masks)
+    if masks is not None:
+        m = torch.as_tensor(masks).detach().cpu()
+        if m.dim() != 3 or tuple(m.shape) != (n, h, w):
+            raise ValueError(f"probe_masks must be [N, H, W] = [{n}, {h}, {w}] (one mask per probe image, the input's "
+                             f"size), got {list(m.shape)}")
+        probe = Probe(probe.images, probe.labels, probe.boxes, m.bool())
+    return probe

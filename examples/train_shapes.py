@@ -79,6 +79,8 @@ def main(argv=None) -> float:
     vis = None if args.no_vis else VisLogger(
         model, log_dir,
         probe=test, probe_size=8,            # the first 8 test images, with their labels
+        # and their objects' boxes: Grad-CAM's pointing game over the run (scored by the gradcam kind)
+        probe_boxes=test.boxes[:8] if args.kinds is None or "gradcam" in args.kinds else None,
         mean=train.mean, std=train.std, class_names=CLASSES,
         every=args.every or default_every(args.steps), kinds=args.kinds, actmax_steps=args.actmax_steps,
         saliency_methods=args.saliency_methods,

@@ -17,6 +17,7 @@ from cnnvis_tb import tags
 from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, positive_int
 from cnnvis_tb.kinds.cam_methods import METHODS, CamInputs, Scorer, bias_layers, check_methods, linear_head
+from cnnvis_tb.kinds.cam_metrics import energy, entropy, pointing, regions, spearman
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
 from cnnvis_tb.render import as_rgb, caption, fit, make_grid, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
@@ -228,20 +229,23 @@ class GradCam(Kind):
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
     def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",
-                 every: int | None = None, layers=None) -> None:
+                 metrics: bool = True, every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
         self.methods = check_methods(methods)
         self.batch_size = positive_int("cam_batch_size", batch_size)
         if scale not in CAM_SCALES:
             raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {scale!r}")
         self.scale = scale
+        self.metrics = bool(metrics)
+        self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_options(cls, options):
         return cls(methods=options.get("cam_methods", ("gradcam", "gradcam++")),
-                   batch_size=options.get("cam_batch_size", 64), scale=options.get("cam_scale", "image"))
+                   batch_size=options.get("cam_batch_size", 64), scale=options.get("cam_scale", "image"),
+                   metrics=options.get("cam_metrics", True))
 
     def default_layers(self, info: ModelInfo) -> list[str]:
         return [info.cam_layer()]
@@ -354,8 +358,29 @@ class GradCam(Kind):
                     panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"]))
                 strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
                 out.image(layer, tags.probe_view(i), to_uint8(strip))
+            if self.metrics:
+                self._log_metrics(ctx, out, layer, order, computed, size)
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
             pass
+
+    def _log_metrics(self, ctx, out, layer, order, computed, size) -> None:
+        """Explanation quality per method and target, averaged over the probe, under
+        ``cnnvis/metrics/gradcam/<layer>/<metric>/<method>/<target>`` (see :mod:`cnnvis_tb.kinds.cam_metrics`)."""
+        region = regions(ctx.info.probe.boxes, ctx.info.probe.masks, size)
+        for spec in self._specs:
+            for key in order:
+                raw = computed[(layer, spec.name, key)].detach().float()
+                full = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                full = full.clamp_min(0).cpu()
+                name = f"{spec.name}/{key}"
+                if region is not None:
+                    out.scalar(layer, f"pointing/{name}", pointing(full, region).mean().item())
+                    out.scalar(layer, f"energy/{name}", energy(full, region).mean().item())
+                out.scalar(layer, f"entropy/{name}", entropy(full).mean().item())
+                previous = self._previous_maps.get((layer, spec.name, key))
+                if previous is not None and previous.shape == full.shape:
+                    out.scalar(layer, f"stability/{name}", spearman(full, previous).mean().item())
+                self._previous_maps[(layer, spec.name, key)] = full
 
     def _scaled(self, layer: str, method: str, key: str, maps: torch.Tensor, size) -> torch.Tensor:
         if self.scale == "image":
