@@ -32,7 +32,8 @@ def _train(log_dir=None, *, call_between=False):
     if log_dir is not None:
         vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS,
                         strict=True, actmax_steps=2, actmax_channels=2,
-                        saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS))
+                        saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS),
+                        probe_boxes=[[2, 2, 10, 12]] * len(labels))  # every metric on
     for step in range(STEPS):
         x, y = make_batch(step)
         loss = nn.functional.cross_entropy(model(x), y)
