@@ -64,7 +64,7 @@ def test_gradient_methods_share_one_forward_and_one_backward(tmp_path, monkeypat
     real = torch.autograd.grad
     monkeypatch.setattr(probe_pass.torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True,
-                   cam_methods=GRADIENT_METHODS + ["eigencam"]) as vis:
+                   cam_methods=GRADIENT_METHODS + ["eigencam"], cam_metrics=False) as vis:
         forwards.clear()
         vis.step(0)
     assert len(forwards) == 1

@@ -122,3 +122,34 @@ def test_bad_annotations_fail_in_the_constructor(tmp_path, kwargs, match):
     probe, labels = make_batch(0, n=2)
     with pytest.raises(ValueError, match=match):
         VisLogger(TinyCNN(), tmp_path, probe=probe, probe_labels=labels, **kwargs)
+
+
+def test_confidence_drop_increase_and_agreement_equal_hand_computations(tmp_path):
+    from cnnvis_tb import cam
+    from cnnvis_tb.kinds.cam_metrics import spearman as rank_corr
+
+    torch.manual_seed(3)
+    model = TinyCNN().eval()
+    probe, labels = make_batch(11, n=3)
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True,
+                   cam_methods=["gradcam", "layercam"], layers={"gradcam": ["body"]}) as vis:
+        forwards.clear()
+        vis.step(0)
+    logging_forwards = len(forwards)
+    pred = model(probe).argmax(1)
+    distinct = 1 if torch.equal(pred, labels) else 2
+    assert logging_forwards == 1 + 2 * distinct  # the shared pass, then one masked probe pass per method and target
+    acc = read_events(tmp_path)
+    value = {t: acc.Scalars(t)[0].value for t in acc.Tags()["scalars"]}
+    with torch.no_grad():
+        y = model(probe).softmax(1).gather(1, labels[:, None])[:, 0]
+        maps = {m: cam(model, probe, "body", labels, m) for m in ("gradcam", "layercam")}
+        for method, m in maps.items():
+            o = model(probe * m[:, None]).softmax(1).gather(1, labels[:, None])[:, 0]
+            drop = ((y - o).clamp_min(0) / y).mean().item()
+            assert value[f"cnnvis/metrics/gradcam/body/confidence_drop/{method}/true"] == pytest.approx(drop, abs=1e-4)
+            assert value[f"cnnvis/metrics/gradcam/body/confidence_increase/{method}/true"] == (o > y).float().mean()
+    agreement = rank_corr(maps["gradcam"].flatten(1), maps["layercam"].flatten(1)).mean().item()
+    assert value["cnnvis/metrics/gradcam/body/agreement/true"] == pytest.approx(agreement, abs=0.05)

@@ -237,6 +237,7 @@ class GradCam(Kind):
             raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {scale!r}")
         self.scale = scale
         self.metrics = bool(metrics)
+        self._confidence: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -313,7 +314,33 @@ class GradCam(Kind):
                         continue
                     inputs = self._inputs(ctx, layer, module, acts, key, classes, spec)
                     maps[(layer, spec.name, key)] = spec.fn(inputs).clamp_min(0)
+        self._confidence = self._confidence_changes(ctx, maps) if self.metrics else {}
         return maps
+
+    @torch.no_grad()
+    def _confidence_changes(self, ctx, maps) -> dict[tuple[str, str, str], tuple[float, float]]:
+        """Average drop and increase in confidence (Chattopadhay et al.): the target's softmax probability on the
+        probe image times its map (upsampled, min-max scaled; in the model's input space, so masked-out pixels
+        become 0, the dataset mean under mean/std normalization) against the probability on the image itself.
+        One no-grad forward of the probe per method and distinct target set."""
+        shared = ctx.shared
+        x = shared.inputs.detach()
+        probs = shared.scores.detach().float().softmax(dim=1)
+        selector = ctx.info.output_selector
+        out: dict[tuple[str, str, str], tuple[float, float]] = {}
+        done: dict[int, tuple[float, float]] = {}
+        for (layer, method, key), raw in maps.items():
+            if id(raw) in done:  # a target set equal to an earlier one: the same maps, the same answer
+                out[(layer, method, key)] = done[id(raw)]
+                continue
+            mask = normalize_maps(raw, tuple(x.shape[-2:])).to(device=x.device, dtype=x.dtype)
+            masked = select_output(ctx.net(x * mask[:, None]), selector).float().softmax(dim=1)
+            t = shared.targets[key][:, None]
+            y, o = probs.gather(1, t)[:, 0], masked.gather(1, t)[:, 0]
+            drop = ((y - o).clamp_min(0) / y.clamp_min(1e-12)).mean().item()
+            increase = (o > y).float().mean().item()
+            done[id(raw)] = out[(layer, method, key)] = (drop, increase)
+        return out
 
     def _inputs(self, ctx, layer, module, acts, key, classes, spec) -> CamInputs:
         shared = ctx.shared
@@ -377,10 +404,19 @@ class GradCam(Kind):
                     out.scalar(layer, f"pointing/{name}", pointing(full, region).mean().item())
                     out.scalar(layer, f"energy/{name}", energy(full, region).mean().item())
                 out.scalar(layer, f"entropy/{name}", entropy(full).mean().item())
+                drop, increase = self._confidence.get((layer, spec.name, key), (None, None))
+                if drop is not None:
+                    out.scalar(layer, f"confidence_drop/{name}", drop)
+                    out.scalar(layer, f"confidence_increase/{name}", increase)
                 previous = self._previous_maps.get((layer, spec.name, key))
                 if previous is not None and previous.shape == full.shape:
                     out.scalar(layer, f"stability/{name}", spearman(full, previous).mean().item())
                 self._previous_maps[(layer, spec.name, key)] = full
+        if len(self._specs) > 1:  # do the methods agree? mean Spearman correlation over pairs of methods
+            for key in order:
+                fulls = [self._previous_maps[(layer, spec.name, key)] for spec in self._specs]  # this step's
+                pairs = [spearman(a, b).mean() for i, a in enumerate(fulls) for b in fulls[i + 1:]]
+                out.scalar(layer, f"agreement/{key}", torch.stack(pairs).mean().item())
 
     def _scaled(self, layer: str, method: str, key: str, maps: torch.Tensor, size) -> torch.Tensor:
         if self.scale == "image":
