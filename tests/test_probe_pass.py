@@ -61,7 +61,8 @@ def test_one_forward_and_one_gradient_per_distinct_target_set(tmp_path, monkeypa
     model, probe, pred = _model_and_probe()
     given = {"wrong": (pred + 1) % 4, "some wrong": torch.cat([pred[:2], (pred[2:] + 1) % 4]), "right": pred,
              "none": None}[labels]
-    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=given, kinds=SHARED_PASS_KINDS, strict=True)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=given, kinds=SHARED_PASS_KINDS, strict=True,
+                    cam_metrics=False)  # the confidence metrics run passes of their own
     counts = Counts(model, monkeypatch)  # after the constructor's own dry run
     for step in range(3):
         counts.reset()
