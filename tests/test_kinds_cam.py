@@ -103,6 +103,7 @@ def _reference(acts: torch.Tensor, grads: torch.Tensor, method: str, flip: bool 
 
 
 def _acts_and_grads(model, layer, x, targets):
+    """The layer's output and the gradient of the targets' scores (class indices, or a callable of the output)."""
     saved = {}
     twin = copy.deepcopy(model).eval()
 
@@ -113,7 +114,8 @@ def _acts_and_grads(model, layer, x, targets):
         return o
 
     dict(twin.named_modules())[layer].register_forward_hook(hook)
-    twin(x).gather(1, targets[:, None]).sum().backward()
+    out = twin(x)
+    (targets(out) if callable(targets) else out.gather(1, targets[:, None])).sum().backward()
     return saved["a"].detach(), saved["a"].grad.detach()
 
 
@@ -180,7 +182,7 @@ def test_torch_cam_agrees(cases, method):
 def test_callable_and_int_and_predicted_targets(cases):
     model, layer, x, _ = cases["demo"]
     summed = cam(model, x, layer, lambda out: out[:, 1] + out[:, 3], "gradcam")
-    acts, grads = _acts_and_grads_of(model, layer, x, lambda out: out[:, 1] + out[:, 3])
+    acts, grads = _acts_and_grads(model, layer, x, lambda out: out[:, 1] + out[:, 3])
     expected = _upsample_scale(torch.einsum("nk,nkhw->nhw", grads.mean(dim=(2, 3)), acts).clamp_min(0),
                                x.shape[-2:])
     assert torch.allclose(summed, expected, atol=1e-5)
@@ -191,21 +193,6 @@ def test_callable_and_int_and_predicted_targets(cases):
         cam(model, x, layer, lambda out: out, "gradcam")
     with pytest.raises(ValueError, match="give class targets"):
         cam(model, x, layer, lambda out: out[:, 0], "cam")
-
-
-def _acts_and_grads_of(model, layer, x, target_fn):
-    saved = {}
-    twin = copy.deepcopy(model).eval()
-
-    def hook(_m, _i, o):
-        o = o.clone()
-        o.retain_grad()
-        saved["a"] = o
-        return o
-
-    dict(twin.named_modules())[layer].register_forward_hook(hook)
-    target_fn(twin(x)).sum().backward()
-    return saved["a"].detach(), saved["a"].grad.detach()
 
 
 def test_bad_input():
