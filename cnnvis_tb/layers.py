@@ -205,6 +205,11 @@ def default_cam_layer(traces: Iterable[LayerTrace]) -> str:
     return max(candidates, key=lambda t: t.order).name
 
 
+def _cell(text: str) -> str:
+    """A name as one Markdown table cell: ``|`` and backslashes escaped, so a name holding ``|`` keeps its row."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def layer_table(model: nn.Module, images: torch.Tensor | None = None, traces: list[LayerTrace] | None = None) -> str:
     """A Markdown table of the model's layers: name, type, output shape and parameter count.
 
@@ -221,7 +226,7 @@ def layer_table(model: nn.Module, images: torch.Tensor | None = None, traces: li
     for t in traces:
         indent = "&nbsp;&nbsp;" * t.name.count(".")
         shape = "×".join(str(s) for s in t.output_shape) if t.output_shape else "–"
-        rows.append(f"| {indent}{t.name} | {t.type_name} | {shape} | {t.params:,} |")
+        rows.append(f"| {indent}{_cell(t.name)} | {_cell(t.type_name)} | {shape} | {t.params:,} |")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows.append(f"| **total** | {type(model).__name__} | | **{total:,}** ({trainable:,} trainable) |")

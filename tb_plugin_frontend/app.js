@@ -56,6 +56,11 @@ export class App {
     this.layerTables = new Map();
     this.imageRatio = 1;
     this.controls = null;
+    // The grid's row of step numbers sticks just below the controls bar, whose height varies (it wraps).
+    this.barObserver = new ResizeObserver(() => {
+      const height = this.controls?.element.getBoundingClientRect().height ?? 0;
+      document.documentElement.style.setProperty("--cv-bar-height", `${Math.floor(height)}px`);
+    });
     this.setSize(this.state.size);
   }
 
@@ -115,6 +120,8 @@ export class App {
       },
     });
     this.root.replaceChildren(this.controls.element, this.main);
+    this.barObserver.disconnect();
+    this.barObserver.observe(this.controls.element);
     this.controls.sync(this.current, this.state.hidden);
     this.stepsJson = "";
     this.loadSteps({refresh: false});

@@ -97,6 +97,8 @@ const GAP = 4;
 const HEADER_HEIGHT = 24;
 /** Columns kept in the page on each side of the visible ones (their images still load lazily). */
 const SPARE_COLUMNS = 2;
+/** Room kept between two step numbers, beyond their own padding. */
+const LABEL_PADDING = 4;
 
 /**
  * One row per run, one column per logged step, for one tag. A cell is empty when its run did not
@@ -105,7 +107,15 @@ const SPARE_COLUMNS = 2;
  * Only the columns near the visible part of the horizontally scrolling area exist in the page
  * (runs x 1000 steps would otherwise be tens of thousands of elements), placed by CSS from their
  * column and row numbers. The run labels sit outside the scrolling part, so no image hides behind
- * them and none is requested for nothing.
+ * them and none is requested for nothing. The row of step numbers sits outside it too, above the
+ * cells: it follows their horizontal scrolling and stays on screen (under the controls bar) while
+ * the page scrolls down a tall grid; a column partly scrolled out keeps its number in its visible
+ * part. A column is as wide as its images or as its step number, whichever is wider, so every
+ * column shows its step whatever the image size.
+ *
+ * Scrolling done by the tab (a step chosen, a size change) always puts a column boundary at the
+ * left edge, so the leftmost column shown is whole; the track is padded (less than a column) so
+ * that this holds at its right end too.
  */
 export class StepGrid {
   /**
@@ -118,36 +128,92 @@ export class StepGrid {
     this.logged = runs.map((run) => new Set(stepsByRun.get(run)));
     this.rendered = new Map(); // column -> its elements
     this.current = -1;
-    this.cellWidth = 0;
+    this.cellWidth = 0; // of the images
+    this.columnWidth = 0; // of the columns: the images' or the step numbers', the wider
+    this.labelWidth = 0; // of the widest step number, measured once the grid is in the page
     this.frameRequest = null;
     this.track = el("div", {className: "cv-grid"});
-    this.track.style.setProperty("--cv-columns", String(columns.length));
     this.track.style.setProperty("--cv-rows", String(runs.length));
     onThumbClick(this.track, onOpen);
-    this.track.addEventListener("click", (event) => {
+    this.steps = el("div", {className: "cv-grid-steps"});
+    this.steps.addEventListener("click", (event) => {
       const header = event.target.closest(".cv-step-head");
       if (header) onPickStep(Number(header.dataset.column));
     });
     this.scroller = el("div", {className: "cv-grid-scroll"}, [this.track]);
-    this.scroller.addEventListener("scroll", () => this.scheduleRender(), {passive: true});
-    new ResizeObserver(() => this.scheduleRender()).observe(this.scroller);
+    this.scroller.addEventListener("scroll", () => this.onScroll(), {passive: true});
+    this.resizeObserver = new ResizeObserver(() => this.scheduleRender());
+    this.resizeObserver.observe(this.scroller);
+    // The step row has no scroll bar of its own; a horizontal wheel or swipe over it scrolls the cells.
+    const stepsView = el("div", {className: "cv-grid-steps-view"}, [this.steps]);
+    this.stepsView = stepsView;
+    stepsView.addEventListener("wheel", (event) => {
+      if (event.deltaX) this.scroller.scrollLeft += event.deltaX;
+    }, {passive: true});
+    // Focusing a step button (Tab) may scroll the step row itself: the cells follow.
+    stepsView.addEventListener("scroll", () => {
+      if (Math.abs(stepsView.scrollLeft - this.scroller.scrollLeft) >= 1) this.scroller.scrollLeft = stepsView.scrollLeft;
+    }, {passive: true});
     const labels = runs.map((run) => {
       const label = el("div", {className: "cv-row-head"}, [runLabel(run, colorOf(run))]);
       label.style.setProperty("--run-color", colorOf(run));
       return label;
     });
     this.element = el("div", {className: "cv-grid-wrap"}, [
-      el("div", {className: "cv-grid-labels"}, [el("div", {className: "cv-corner", text: "run \\ step"}), ...labels]),
-      this.scroller,
+      el("div", {className: "cv-grid-head"}, [el("div", {className: "cv-corner", text: "run \\ step"}), stepsView]),
+      el("div", {className: "cv-grid-body"}, [el("div", {className: "cv-grid-labels"}, labels), this.scroller]),
     ]);
     this.element.style.setProperty("--cv-gap", `${GAP}px`);
     this.element.style.setProperty("--cv-header", `${HEADER_HEIGHT}px`);
   }
 
-  /** The cell width in pixels changed (the size control): keep the right columns in the page. */
+  /** Pixels from one column's left edge to the next one's. */
+  get pitch() {
+    return this.columnWidth + GAP;
+  }
+
+  /**
+   * The image width in pixels changed (the size control): sizes the columns, and keeps the current
+   * step's column in view.
+   */
   setCellWidth(width) {
+    if (!this.labelWidth) this.labelWidth = this.measureLabels();
+    const columnWidth = Math.max(width, this.labelWidth);
+    const changed = columnWidth !== this.columnWidth;
     this.cellWidth = width;
+    this.columnWidth = columnWidth;
+    this.element.style.setProperty("--cv-col-w", `${columnWidth}px`);
+    this.sizeTrack();
+    if (changed && this.current >= 0) this.placeColumn(this.current);
     this.renderVisibleColumns();
+  }
+
+  /** Width in pixels the widest step number needs in a column header (0 while the grid is not in the page). */
+  measureLabels() {
+    if (!this.element.isConnected || !this.columns.length) return 0;
+    const longest = this.columns.reduce((a, b) => (String(b).length > String(a).length ? b : a));
+    const probe = el("span", {className: "cv-step-head cv-step-measure"}, [el("span", {className: "cv-step-label", text: longest})]);
+    this.steps.append(probe);
+    const width = probe.getBoundingClientRect().width;
+    probe.remove();
+    return width ? Math.ceil(width) + LABEL_PADDING : 0;
+  }
+
+  /** Columns wholly visible at once (at least one). */
+  fullColumns() {
+    return Math.max(1, Math.floor((this.scroller.clientWidth + GAP) / this.pitch));
+  }
+
+  /**
+   * Sets the width of the cells and of the step row: every column, plus what lets the last scroll
+   * position start on a column boundary.
+   */
+  sizeTrack() {
+    const content = this.columns.length * this.pitch;
+    const lastFirst = Math.max(0, this.columns.length - this.fullColumns());
+    const width = `${Math.max(content, lastFirst * this.pitch + this.scroller.clientWidth)}px`;
+    this.track.style.width = width;
+    this.steps.style.width = width;
   }
 
   /** Highlights column `column` and, when asked, scrolls it into view. */
@@ -158,29 +224,53 @@ export class StepGrid {
     if (scroll) this.scrollToColumn(column);
   }
 
-  /** Centres column `column` in the scrolling part, unless it is already fully visible. */
+  /** Brings column `column` into view (see `placeColumn`), unless it is already fully visible. */
   scrollToColumn(column) {
-    const pitch = this.cellWidth + GAP;
+    if (!this.columnWidth) return;
     const {scrollLeft, clientWidth} = this.scroller;
-    const [start, end] = [column * pitch, column * pitch + this.cellWidth];
-    if (start < scrollLeft || end > scrollLeft + clientWidth) {
-      this.scroller.scrollLeft = Math.max(0, start - (clientWidth - this.cellWidth) / 2);
-    }
+    const start = column * this.pitch;
+    if (start < scrollLeft || start + this.columnWidth > scrollLeft + clientWidth) this.placeColumn(column);
     this.renderVisibleColumns();
+  }
+
+  /** Scrolls so that column `column` is about in the middle, with a whole column at the left edge. */
+  placeColumn(column) {
+    const shown = this.fullColumns();
+    const lastFirst = Math.max(0, this.columns.length - shown);
+    const first = Math.min(lastFirst, Math.max(0, column - Math.floor((shown - 1) / 2)));
+    this.scroller.scrollLeft = first * this.pitch;
+    this.syncSteps();
+  }
+
+  /** Moves the step row with the cells. */
+  syncSteps() {
+    this.stepsView.scrollLeft = this.scroller.scrollLeft;
+  }
+
+  onScroll() {
+    this.syncSteps();
+    this.scheduleRender();
   }
 
   scheduleRender() {
     if (this.frameRequest) return;
     this.frameRequest = requestAnimationFrame(() => {
       this.frameRequest = null;
+      if (!this.element.isConnected) {
+        this.resizeObserver.disconnect();
+        return;
+      }
+      if (this.cellWidth && !this.labelWidth) this.setCellWidth(this.cellWidth);
+      else if (this.columnWidth) this.sizeTrack();
+      this.syncSteps();
       this.renderVisibleColumns();
     });
   }
 
   /** Adds the columns now near the visible part and removes the ones far from it. */
   renderVisibleColumns() {
-    if (!this.cellWidth) return;
-    const pitch = this.cellWidth + GAP;
+    if (!this.columnWidth) return;
+    const pitch = this.pitch;
     const {scrollLeft, clientWidth} = this.scroller;
     const first = Math.max(0, Math.floor(scrollLeft / pitch) - SPARE_COLUMNS);
     const last = Math.min(this.columns.length - 1, Math.ceil((scrollLeft + clientWidth) / pitch) + SPARE_COLUMNS);
@@ -193,26 +283,33 @@ export class StepGrid {
       }
       this.rendered.delete(column);
     }
-    const fragment = document.createDocumentFragment();
+    const [heads, cells] = [document.createDocumentFragment(), document.createDocumentFragment()];
     for (let column = first; column <= last; column++) {
-      if (!this.rendered.has(column)) fragment.append(...this.buildColumn(column));
+      if (this.rendered.has(column)) continue;
+      const [header, ...nodes] = this.buildColumn(column);
+      heads.append(header);
+      cells.append(...nodes);
     }
-    this.track.append(fragment);
+    this.steps.append(heads);
+    this.track.append(cells);
   }
 
+  /** The header and the cells of column `column` (the header first). */
   buildColumn(column) {
     const step = this.columns[column];
-    const header = el("button", {
-      className: "cv-step-head",
-      text: step,
-      attrs: {type: "button", title: `Show step ${step}`, "data-column": column},
-    });
+    // The number sticks to the visible part of a column that is partly scrolled out.
+    const header = el(
+      "button",
+      {className: "cv-step-head", attrs: {type: "button", title: `Show step ${step}`, "data-column": column, "data-step": step}},
+      [el("span", {className: "cv-step-label", text: step})],
+    );
     const nodes = [header];
     this.runs.forEach((run, row) => {
       const cell = this.logged[row].has(step)
         ? el("div", {className: "cv-cell"}, [thumb(this.lazy, {run, tag: this.tag, step, label: `${run}, ${this.describe(step)}`})])
         : el("div", {className: "cv-cell cv-missing", text: "–", attrs: {title: `${run} logged no image at step ${step}`}});
       cell.style.setProperty("--cv-row", String(row));
+      cell.dataset.column = String(column);
       nodes.push(cell);
     });
     for (const node of nodes) {
@@ -256,52 +353,145 @@ export class Filmstrip {
 }
 
 const ENTITIES = {nbsp: "\u00a0", amp: "&", lt: "<", gt: ">", quot: '"', apos: "'"};
+const ENTITY = /^&(#x[0-9a-f]{1,6}|#[0-9]{1,7}|[a-z]+);/i;
+/** Characters a backslash makes literal (CommonMark: ASCII punctuation). */
+const ESCAPABLE = /[!-/:-@[-`{-~]/;
 
-/** Decodes the few HTML entities Markdown tables use (e.g. &nbsp; for indentation) into plain text. */
-function decodeEntities(text) {
-  return text.replace(/&(#x[0-9a-f]{1,6}|#[0-9]{1,7}|[a-z]+);/gi, (match, name) => {
-    const code = name.startsWith("#x") || name.startsWith("#X") ? parseInt(name.slice(2), 16) : name.startsWith("#") ? Number(name.slice(1)) : NaN;
-    if (Number.isInteger(code)) return code > 0 && code <= 0x10ffff ? String.fromCodePoint(code) : match;
-    return ENTITIES[name.toLowerCase()] ?? match;
-  });
+/** The character an HTML entity at the start of `text` stands for, and its length; null when none. */
+function entityAt(text) {
+  const match = ENTITY.exec(text);
+  if (!match) return null;
+  const name = match[1];
+  const code = /^#x/i.test(name) ? parseInt(name.slice(2), 16) : name.startsWith("#") ? Number(name.slice(1)) : NaN;
+  const value = Number.isNaN(code) ? ENTITIES[name.toLowerCase()] : code > 0 && code <= 0x10ffff ? String.fromCodePoint(code) : undefined;
+  return value === undefined ? null : {value, length: match[0].length};
 }
 
+/**
+ * The cells of a table line (`| a | b \| c |`): split at the bars not escaped by a backslash; the
+ * outer bars are optional but the line must start with one. Null for any other line.
+ */
 function tableCells(line) {
-  const trimmed = line.trim();
-  if (!trimmed.startsWith("|")) return null;
-  return trimmed.replace(/^\||\|$/g, "").split("|").map((cell) => decodeEntities(cell.trim()));
+  const text = line.trim();
+  if (!text.startsWith("|")) return null;
+  const cells = [];
+  let cell = "";
+  for (let i = 1; i < text.length; i++) {
+    if (text[i] === "\\" && i + 1 < text.length) {
+      cell += text[i] + text[++i]; // kept escaped: the inline pass reads it
+    } else if (text[i] === "|") {
+      cells.push(cell.trim());
+      cell = "";
+    } else {
+      cell += text[i];
+    }
+  }
+  if (cell.trim() || !text.endsWith("|") || text.length === 1) cells.push(cell.trim());
+  return cells;
 }
 
-function markdownTable(rows) {
-  const [header, separator = [], ...rest] = rows;
-  const hasSeparator = separator.length > 0 && separator.every((cell) => /^:?-{3,}:?$/.test(cell));
-  const body = hasSeparator ? rest : rows.slice(1);
-  const numeric = header.map((_, i) => hasSeparator && /-:$/.test(separator[i] ?? ""));
+/** "left", "right", "center" or "" for a delimiter cell (`---`, `---:`, `:---:`); null for any other. */
+function alignment(cell) {
+  const match = /^(:?)-+(:?)$/.exec(cell.replace(/\s+/g, ""));
+  if (!match) return null;
+  return match[1] && match[2] ? "center" : match[2] ? "right" : match[1] ? "left" : "";
+}
+
+/**
+ * A cell's Markdown as DOM nodes: `**bold**` becomes <strong>, backslash escapes (`\|`, `\*`) and
+ * HTML entities (`&nbsp;`) become the characters they stand for, everything else stays text.
+ * No HTML is ever parsed: `<b>` shows as the three characters it is.
+ */
+function inlineNodes(source) {
+  // Pass 1: literal characters, and the `**` markers that could open or close bold text.
+  const tokens = [];
+  let text = "";
+  const flush = () => {
+    if (text) tokens.push({text});
+    text = "";
+  };
+  for (let i = 0; i < source.length; i++) {
+    const char = source[i];
+    if (char === "\\" && ESCAPABLE.test(source[i + 1] ?? "")) {
+      text += source[++i];
+    } else if (char === "*" && source[i + 1] === "*") {
+      flush();
+      tokens.push({marker: "**"});
+      i++;
+    } else if (char === "&" && entityAt(source.slice(i))) {
+      const entity = entityAt(source.slice(i));
+      text += entity.value;
+      i += entity.length - 1;
+    } else {
+      text += char;
+    }
+  }
+  flush();
+  // Pass 2: markers pair up in order around some text; an unpaired one is literal.
+  const nodes = [];
+  for (let i = 0; i < tokens.length; i++) {
+    const token = tokens[i];
+    if (!token.marker) {
+      nodes.push(document.createTextNode(token.text));
+      continue;
+    }
+    const close = tokens.findIndex((t, j) => j > i && t.marker);
+    const inner = tokens.slice(i + 1, close).map((t) => t.text).join("");
+    if (close > i && inner.trim()) {
+      nodes.push(el("strong", {text: inner}));
+      i = close;
+    } else {
+      nodes.push(document.createTextNode("**"));
+    }
+  }
+  return nodes;
+}
+
+/** A Markdown pipe table (header line, delimiter line, rows) as a <table>. */
+function markdownTable(header, aligns, rows) {
   const row = (cells, tag) =>
-    el("tr", {}, cells.map((cell, i) => el(tag, {text: cell, className: numeric[i] ? "cv-num" : ""})));
+    el(
+      "tr",
+      {},
+      aligns.map((align, i) => el(tag, {className: align ? `cv-align-${align}` : ""}, inlineNodes(cells[i] ?? ""))),
+    );
   return el("table", {className: "cv-text-table"}, [
     el("thead", {}, [row(header, "th")]),
-    el("tbody", {}, body.map((cells) => row(cells, "td"))),
+    el("tbody", {}, rows.map((cells) => row(cells, "td"))),
   ]);
 }
 
 /**
- * A text summary (Markdown, as add_text writes it) as DOM: tables become <table>s, other lines
- * paragraphs. Everything is inserted as text; no HTML from the log is ever interpreted.
+ * A text summary (Markdown, as add_text writes it) as DOM: every pipe table (a header line, a
+ * delimiter line of as many `---` cells, then the rows starting with `|`) becomes a <table>; the
+ * other lines stay preformatted text, as written. Everything is inserted as text nodes; no HTML
+ * from the log is ever interpreted.
  */
 export function textSummary(text) {
+  const lines = text.replace(/\r\n?/g, "\n").split("\n");
   const blocks = [];
-  let table = null;
-  for (const line of text.split("\n")) {
-    const cells = tableCells(line);
-    if (cells) {
-      (table ??= []).push(cells);
+  let plain = [];
+  const flushPlain = () => {
+    while (plain.length && !plain[plain.length - 1].trim()) plain.pop();
+    while (plain.length && !plain[0].trim()) plain.shift();
+    if (plain.length) blocks.push(el("pre", {className: "cv-text-plain", text: plain.join("\n")}));
+    plain = [];
+  };
+  for (let i = 0; i < lines.length; i++) {
+    const header = tableCells(lines[i]);
+    const delimiter = header && i + 1 < lines.length ? tableCells(lines[i + 1]) : null;
+    const aligns = delimiter?.map(alignment);
+    if (!header || !aligns || aligns.length !== header.length || aligns.includes(null)) {
+      plain.push(lines[i]);
       continue;
     }
-    if (table) blocks.push(markdownTable(table));
-    table = null;
-    if (line.trim()) blocks.push(el("p", {text: decodeEntities(line)}));
+    const rows = [];
+    let next = i + 2;
+    for (let cells; next < lines.length && (cells = tableCells(lines[next])); next++) rows.push(cells);
+    flushPlain();
+    blocks.push(markdownTable(header, aligns, rows));
+    i = next - 1;
   }
-  if (table) blocks.push(markdownTable(table));
+  flushPlain();
   return el("div", {className: "cv-text"}, blocks);
 }

@@ -175,3 +175,14 @@ def test_step_after_close_warns_once_and_logs_nothing(tmp_path):
         warnings.simplefilter("error")  # once only
         assert vis.step(2) is False
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")] == [0]
+
+
+def test_the_layer_table_escapes_a_bar_in_a_module_name():
+    from cnnvis_tb import layer_table
+
+    model = torch.nn.Sequential()
+    model.add_module("a|b", torch.nn.Conv2d(3, 2, 1))
+    row = next(line for line in layer_table(model, torch.randn(1, 3, 4, 4)).splitlines() if "Conv2d" in line)
+    assert row.startswith("| a\\|b | Conv2d |")
+    assert tags.parse_kinds_table("| kind | label |\n| --- | --- |\n| x | " + row.split(" | ")[0][2:] + " |") == [
+        ("x", "a|b")]  # read back as written

@@ -416,3 +416,296 @@ def test_a_kind_logged_by_vislogger_shows_in_the_tab(open_tab, vislogger_kind_se
         expected = (colour * (0.5 + pixel["step"] / 10)).clamp(0, 1) * 255
         assert pixel["size"] == [8, 8]
         assert np.abs(np.array(pixel["rgb"]) - expected.numpy()).max() <= 1.5, pixel
+
+
+# The runs × steps grid and the layer table, over runs with many steps (issue 16).
+
+#: Many steps with long numbers, so that the grid scrolls and the step labels need room.
+GRID_STEPS = [100_000 + 1_000 * i for i in range(40)]
+GRID_RUNS = ["grid_a", "grid_b"]
+#: Two kinds: square images, and tall narrow ones (their columns are narrower than a step number at small sizes).
+GRID_KINDS = {"square": (16, 16), "tall": (8, 64)}  #: kind -> (width, height)
+#: Labels with bars: the kinds table escapes them as \| (and a backslash as \\).
+GRID_KIND_LABELS = {"square": "Square | wide", "tall": "Tall \\ narrow"}
+GRID_LAYER = "features.0"
+#: A module named like markup: the layer table must show it as text.
+MARKUP_LAYER = "<b>x</b><img src=nowhere onerror=alert(1)>"
+#: A text summary that is no table (a bar line without a delimiter line): shown preformatted, as written.
+NOTES_TEXT = "Trained on shapes.\n| not a table: no delimiter line\n    indented <i>line</i> &amp; more"
+
+
+class GridNet(nn.Module):
+    """Nested modules (indented rows in the layer table) and a convolution named like markup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.add_module(MARKUP_LAYER, nn.Conv2d(4, 4, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(getattr(self, MARKUP_LAYER)(self.features(x)))
+
+
+@dataclass(frozen=True)
+class GridServer:
+    url: str
+    layer_table: str
+    total: int
+    trainable: int
+
+
+@pytest.fixture(scope="module")
+def grid_server(browser, start_tensorboard, wait_for_json, tmp_path_factory) -> GridServer:
+    """TensorBoard over two runs of 40 steps each (two kinds), with a real layer table, a kinds table and notes."""
+    from cnnvis_tb.layers import layer_table
+
+    logdir = tmp_path_factory.mktemp("grid")
+    torch.manual_seed(0)
+    model = GridNet()
+    model.head[2].bias.requires_grad_(False)  # so that "trainable" differs from the total
+    table = layer_table(model, torch.rand(1, 3, 12, 12))
+    kinds = tags.kinds_table([(kind, label, "a \\ b | c") for kind, label in GRID_KIND_LABELS.items()])
+    for r, run in enumerate(GRID_RUNS):
+        with SummaryWriter(logdir / run) as writer:
+            writer.add_text(tags.KINDS_TABLE_TAG, kinds, 0)
+            writer.add_text(tags.text_tag("model", "layers"), table, 0)
+            writer.add_text(tags.text_tag("model", "notes"), NOTES_TEXT, 0)
+            for i, step in enumerate(GRID_STEPS):
+                for kind, (width, height) in GRID_KINDS.items():
+                    image = np.full((3, height, width), (40 + 5 * i + 60 * r) % 256, np.uint8)
+                    writer.add_image(tags.image_tag(kind, GRID_LAYER, tags.probe_view(0)), image, step)
+    url = start_tensorboard(logdir, plugin="cnnvis").url
+
+    def loaded(index: dict) -> bool:
+        return every_view_lists(index, GRID_RUNS) and len(index["kinds"]) == len(GRID_KINDS)
+
+    wait_for_json(f"{url}/data/plugin/cnnvis/index", loaded)
+    for kind in GRID_KINDS:
+        tag = urllib.parse.quote(tags.image_tag(kind, GRID_LAYER, tags.probe_view(0)), safe="")
+        wait_for_json(
+            f"{url}/data/plugin/cnnvis/steps?tag={tag}",
+            lambda answer: [r["steps"] for r in answer["runs"]] == [GRID_STEPS] * len(GRID_RUNS),
+        )
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return GridServer(url, table, total, trainable)
+
+
+#: Where the grid's parts are, after two animation frames (the grid renders scrolled columns in one):
+#: the visible part of the scrolling cells, the run labels, the controls bar, and for every column in
+#: the page its cells' extent and its header (box, text, the box of the rendered text, whether the
+#: text is cut by an ellipsis or overflows its box).
+GRID_GEOMETRY = """async () => {
+    await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+    const scroller = document.querySelector('.cv-grid-scroll');
+    const box = scroller.getBoundingClientRect();
+    const left = box.left + scroller.clientLeft;
+    const columns = new Map();
+    for (const cell of document.querySelectorAll('.cv-grid .cv-cell')) {
+        const column = Number(cell.style.getPropertyValue('--cv-column'));
+        const b = cell.getBoundingClientRect();
+        const c = columns.get(column) ?? {column, left: b.left, right: b.right, head: null};
+        [c.left, c.right] = [Math.min(c.left, b.left), Math.max(c.right, b.right)];
+        columns.set(column, c);
+    }
+    for (const head of document.querySelectorAll('.cv-step-head')) {
+        const c = columns.get(Number(head.dataset.column));
+        if (!c) continue;
+        const b = head.getBoundingClientRect();
+        const range = document.createRange();
+        range.selectNodeContents(head);
+        const text = range.getBoundingClientRect();
+        const holder = head.querySelector('.cv-step-label') ?? head;
+        c.head = {
+            left: b.left, right: b.right, top: b.top, bottom: b.bottom, text: head.textContent,
+            textLeft: text.left, textRight: text.right, current: head.classList.contains('cv-current'),
+            cut: holder.scrollWidth > holder.clientWidth + 0.5,
+        };
+    }
+    return {
+        view: {left, right: left + scroller.clientWidth},
+        scrollLeft: scroller.scrollLeft,
+        labelsRight: document.querySelector('.cv-grid-labels').getBoundingClientRect().right,
+        barBottom: document.querySelector('.cv-bar').getBoundingClientRect().bottom,
+        viewportHeight: innerHeight,
+        columns: [...columns.values()].sort((a, b) => a.column - b.column),
+    };
+}"""
+
+
+def visible_columns(geometry: dict) -> list[dict]:
+    view = geometry["view"]
+    return [c for c in geometry["columns"] if c["right"] > view["left"] + 0.5 and c["left"] < view["right"] - 0.5]
+
+
+def check_grid(geometry: dict, *, whole_left: bool = True) -> None:
+    """Every visible column is labelled with its step, in its visible part, on screen; the run labels cover
+    no cell; with ``whole_left``, the leftmost visible column is whole (the tab scrolled last, not the user)."""
+    view = geometry["view"]
+    assert view["left"] >= geometry["labelsRight"] - 0.5, "the run labels overlap the cells"
+    visible = visible_columns(geometry)
+    assert visible, geometry
+    if whole_left:
+        assert visible[0]["left"] >= view["left"] - 0.5, ("the leftmost visible column is cut off", geometry)
+    for column in visible:
+        head = column["head"]
+        assert head is not None, ("a visible column has no step label", column)
+        assert head["text"] == str(GRID_STEPS[column["column"]]), column
+        assert abs(head["left"] - column["left"]) < 0.5 and abs(head["right"] - column["right"]) < 0.5, column
+        assert not head["cut"], ("a step label does not fit its column", column)
+        shown = max(column["left"], view["left"]), min(column["right"], view["right"])
+        if shown[1] - shown[0] >= head["textRight"] - head["textLeft"] + 1:
+            assert shown[0] - 0.5 <= head["textLeft"] and head["textRight"] <= shown[1] + 0.5, (
+                "a step label is not in the visible part of its column", column, view)
+        assert geometry["barBottom"] - 1 <= head["top"] and head["bottom"] <= geometry["viewportHeight"], (
+            "the step labels are off screen", column, geometry["barBottom"])
+
+
+def current_column(geometry: dict) -> dict:
+    [column] = [c for c in geometry["columns"] if c["head"] and c["head"]["current"]]
+    return column
+
+
+@pytest.mark.parametrize(("kind", "size"), [("square", 160), ("square", 200), ("tall", 160), ("tall", 48)])
+def test_grid_shows_whole_labelled_columns_at_load(open_tab, grid_server, kind, size):
+    tab = open_tab(f"?p.cnnvis.kind={kind}&p.cnnvis.size={size}", server=grid_server.url)
+    geometry = tab.frame.evaluate(GRID_GEOMETRY)
+    assert geometry["scrollLeft"] > 0, "the check needs a scrolled grid (the latest step is selected)"
+    check_grid(geometry)
+    current = current_column(geometry)
+    assert current["column"] == len(GRID_STEPS) - 1
+    assert geometry["view"]["left"] - 0.5 <= current["left"] and current["right"] <= geometry["view"]["right"] + 0.5
+
+
+@pytest.mark.parametrize("kind", list(GRID_KINDS))
+def test_size_changes_keep_the_selected_step_in_view_and_labelled(open_tab, grid_server, kind):
+    selected = GRID_STEPS[13]
+    tab = open_tab(f"?p.cnnvis.kind={kind}&p.cnnvis.step={selected}", server=grid_server.url)
+    size = tab.frame.locator("input[aria-label='Image size']")
+    for value in ["48", "96", "480", "200", "56", "320", "160"]:
+        size.fill(value)
+        geometry = tab.frame.evaluate(GRID_GEOMETRY)
+        check_grid(geometry)
+        current = current_column(geometry)
+        view = geometry["view"]
+        assert current["head"]["text"] == str(selected), value
+        assert view["left"] - 0.5 <= current["left"] and current["right"] <= view["right"] + 0.5, (
+            f"at size {value} the selected step's column is out of view", current, view)
+    tab.wait_for_url_part("p.cnnvis.size=160")
+
+
+def test_step_labels_stay_with_their_columns_while_scrolling(open_tab, grid_server):
+    tab = open_tab("?p.cnnvis.kind=square&p.cnnvis.size=400", server=grid_server.url)
+    frame = tab.frame
+    # Any horizontal position, columns cut at both edges included: each keeps its label in its visible part.
+    for scroll_left in [0, 1000, 1234, 5555, 9000, 100_000]:
+        frame.evaluate("left => { document.querySelector('.cv-grid-scroll').scrollLeft = left; }", scroll_left)
+        geometry = frame.evaluate(GRID_GEOMETRY)
+        check_grid(geometry, whole_left=False)
+        assert len(visible_columns(geometry)) >= 2
+    # Down the page, the step row stays just below the controls bar while the grid is on screen.
+    frame.evaluate("""() => {
+        const grid = document.querySelector('.cv-grid').getBoundingClientRect();
+        const bar = document.querySelector('.cv-bar').getBoundingClientRect();
+        window.scrollBy(0, grid.top - bar.bottom + 300);
+    }""")
+    geometry = frame.evaluate(GRID_GEOMETRY)
+    assert geometry["columns"] and frame.evaluate("() => window.scrollY") > 0
+    check_grid(geometry, whole_left=False)
+    # A click on a step label selects that step (not the last one: that one is "latest", no step in the URL).
+    target = visible_columns(geometry)[0]
+    assert target["column"] < len(GRID_STEPS) - 1
+    frame.locator(f".cv-step-head[data-column='{target['column']}']").click()
+    tab.wait_for_url_part(f"p.cnnvis.step={GRID_STEPS[target['column']]}")
+    assert frame.locator(".cv-step-head.cv-current").text_content() == str(GRID_STEPS[target["column"]])
+
+
+#: Every cell of every table in the layer-table card: [[row cells], ...] per table, each cell
+#: {text, strong: [texts of its <strong>s], html: whether it holds any element but <strong>}.
+LAYER_CARD_TABLES = """() => [...document.querySelectorAll('.cv-layer-table table')].map((table) => ({
+    head: [...table.querySelectorAll('thead th')].map((th) => th.textContent),
+    rows: [...table.querySelectorAll('tbody tr')].map((tr) => [...tr.children].map((td) => ({
+        text: td.textContent,
+        strong: [...td.querySelectorAll('strong')].map((s) => s.textContent),
+        other: [...td.querySelectorAll('*')].filter((e) => e.localName !== 'strong').map((e) => e.outerHTML),
+    }))),
+}))"""
+
+
+def test_layer_table_card_shows_real_tables(open_tab, grid_server):
+    tab = open_tab(server=grid_server.url)
+    frame = tab.frame
+    assert frame.locator(".cv-segmented button").all_text_contents() == list(GRID_KIND_LABELS.values())
+    frame.locator(".cv-layers > summary").click()
+    frame.wait_for_selector(".cv-layer-table table")
+    layers, kinds = frame.evaluate(LAYER_CARD_TABLES)
+    # The layer table: its header, one row per module (nested ones indented), the total in bold.
+    assert layers["head"] == ["layer", "type", "output shape", "parameters"]
+    names = [row[0]["text"] for row in layers["rows"]]
+    assert names == ["features", "\u00a0\u00a0features.0", "\u00a0\u00a0features.1", MARKUP_LAYER, "head",
+                     "\u00a0\u00a0head.0", "\u00a0\u00a0head.1", "\u00a0\u00a0head.2", "total"]
+    assert all(len(row) == 4 for row in layers["rows"])
+    total = layers["rows"][-1]
+    assert total[0]["strong"] == ["total"] and total[1]["text"] == "GridNet"
+    assert total[3]["strong"] == [f"{grid_server.total:,}"]
+    assert total[3]["text"] == f"{grid_server.total:,} ({grid_server.trainable:,} trainable)"
+    assert all(not cell["other"] for row in layers["rows"] for cell in row), "markup in a cell became elements"
+    # The kinds table: escaped bars and backslashes are literal characters, in their cells.
+    assert kinds["head"] == ["kind", "label", "details"]
+    assert [[cell["text"] for cell in row] for row in kinds["rows"]] == [
+        [kind, label, "a \\ b | c"] for kind, label in GRID_KIND_LABELS.items()
+    ]
+    # Text that is no table stays preformatted, as written.
+    assert frame.locator(".cv-layer-table pre").all_text_contents() == [NOTES_TEXT]
+    card = frame.locator(".cv-layer-table")
+    assert "**" not in card.text_content()
+    assert card.locator("b, i, img").count() == 0
+    assert frame.locator("img[src*='nowhere'], [onerror]").count() == 0
+
+
+#: textSummary (views.js, the module the tab runs) over `text`: per block, its element name and either
+#: its text or, for a table, its header and rows as [[cell text, alignment class, [strong texts]]].
+TEXT_SUMMARY = """async (text) => {
+    const {textSummary} = await import(new URL('static/views.js', document.baseURI).href);
+    const cell = (c) => [c.textContent, c.className, [...c.querySelectorAll('strong')].map((s) => s.textContent),
+                         [...c.querySelectorAll('*')].filter((e) => e.localName !== 'strong').length];
+    return [...textSummary(text).children].map((block) => block.localName === 'table'
+        ? {table: [...block.querySelectorAll('tr')].map((tr) => [...tr.children].map(cell)),
+           sections: [...block.children].map((s) => s.localName)}
+        : {[block.localName]: block.textContent});
+}"""
+
+
+def test_text_summary_markdown_cases(open_tab, grid_server):
+    tab = open_tab(server=grid_server.url)
+    summary = lambda text: tab.frame.evaluate(TEXT_SUMMARY, text)  # noqa: E731
+    # Header, delimiter with alignments, escaped bars, bold, entities; short rows padded, long ones cut.
+    blocks = summary(
+        "| a | b | c |\n| :--- | :-: | ---: |\n| x \\| y | **z** w | &nbsp;&nbsp;1 |\n| only |\n| 1 | 2 | 3 | 4 |"
+    )
+    assert blocks == [{
+        "table": [
+            [["a", "cv-align-left", [], 0], ["b", "cv-align-center", [], 0], ["c", "cv-align-right", [], 0]],
+            [["x | y", "cv-align-left", [], 0], ["z w", "cv-align-center", ["z"], 0],
+             ["\u00a0\u00a01", "cv-align-right", [], 0]],
+            [["only", "cv-align-left", [], 0], ["", "cv-align-center", [], 0], ["", "cv-align-right", [], 0]],
+            [["1", "cv-align-left", [], 0], ["2", "cv-align-center", [], 0], ["3", "cv-align-right", [], 0]],
+        ],
+        "sections": ["thead", "tbody"],
+    }]
+    # Markup, escaped stars, a lone ** and unknown entities stay text.
+    [block] = summary("| h |\n| --- |\n| <script>alert(1)</script> |\n| \\*\\*no\\*\\* |\n| a ** b |\n| &bogus; &lt;i&gt; |")
+    assert [row[0][:3] for row in block["table"]] == [
+        ["h", "", []], ["<script>alert(1)</script>", "", []], ["**no**", "", []], ["a ** b", "", []],
+        ["&bogus; <i>", "", []],
+    ]
+    assert all(row[0][3] == 0 for row in block["table"])
+    # Lines around a table stay preformatted; bar lines without a delimiter line are no table.
+    assert summary("before\n  kept as is\n| t |\n|---|\n| v |\nafter **x**") == [
+        {"pre": "before\n  kept as is"},
+        {"table": [[["t", "", [], 0]], [["v", "", [], 0]]], "sections": ["thead", "tbody"]},
+        {"pre": "after **x**"},
+    ]
+    assert summary("| a | b |\n| c | d |") == [{"pre": "| a | b |\n| c | d |"}]
+    assert summary("| a | b |\n| --- |\n| c | d |") == [{"pre": "| a | b |\n| --- |\n| c | d |"}]

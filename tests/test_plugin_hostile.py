@@ -98,8 +98,8 @@ HOSTILE_KINDS = [
 #: Elements the tab creates inside <body>; markup parsed from data would add others (or an img with src=x).
 TAB_ELEMENTS = {
     "button", "details", "div", "figcaption", "figure", "h2", "header", "img", "input", "label", "li",
-    "main", "ol", "option", "p", "pre", "section", "select", "span", "summary", "table", "tbody", "td", "th",
-    "thead", "tr",
+    "main", "ol", "option", "p", "pre", "section", "select", "span", "strong", "summary", "table", "tbody", "td",
+    "th", "thead", "tr",
 }  # fmt: skip
 EVERY_SLOT_HAS_ITS_IMAGE = """() => {
     const slots = document.querySelectorAll('.cv-thumb');
