@@ -73,6 +73,10 @@ def capture(
                 # (DenseNet's F.relu(features, inplace=True)) acts on this copy, and values and gradients are those
                 # of the activation as used, as in the Grad-CAM paper (and the CAM libraries).
                 passed_on = tensor.clone()
+                if torch.is_grad_enabled() and not passed_on.requires_grad and passed_on.is_floating_point():
+                    # Frozen layers before this one (a frozen backbone): the graph starts here, so gradients
+                    # with respect to this activation still exist.
+                    passed_on.requires_grad_(True)
                 outputs[name] = passed_on
                 replacement = _replace_tensor(output, tensor, passed_on)
             if name == stop_after:

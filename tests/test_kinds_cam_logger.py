@@ -158,3 +158,18 @@ def test_costly_perturbation_methods_say_what_a_logging_step_costs(tmp_path):
                                             r"\(128 forward passes of up to 64\) per logging step"):
         VisLogger(Wide(), tmp_path, probe=probe, probe_labels=[0, 1, 2, 0], kinds=["gradcam"],
                   cam_methods=["scorecam"]).close()
+
+
+def test_a_frozen_backbone_still_gets_every_gradient_method(tmp_path):
+    from cnnvis_tb import cam
+
+    model = _trained_tiny(4)
+    model.requires_grad_(False)  # everything frozen: the activations carry no graph of their own
+    probe, labels = make_batch(53, n=2)
+    for method in GRADIENT_METHODS + ["fullgrad"]:
+        maps = cam(model, probe, "body", labels, method)
+        assert torch.isfinite(maps).all() and maps.amax() > 0, method
+    assert not any(p.requires_grad for p in model.parameters())
+    with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True) as vis:
+        vis.step(0)
+    assert not any(p.requires_grad for p in model.parameters())
