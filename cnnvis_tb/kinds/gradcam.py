@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,21 @@ def grad_cam(
 PANEL = 96
 
 
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[N, h, w]`` non-negative maps resized bilinearly to the input's ``size`` (float32), not rescaled."""
+    return F.interpolate(maps.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp_min(0)
+
+
+@dataclass
+class CamStep:
+    """What :meth:`GradCam.compute` hands to :meth:`GradCam.log`, keyed ``(layer, method, target)``: the raw maps
+    ``[N, h, w]`` (ReLU applied), the same resized to the input once for every use, and the confidence measures."""
+
+    raw: dict[tuple[str, str, str], torch.Tensor]
+    full: dict[tuple[str, str, str], torch.Tensor]
+    confidence: dict[tuple[str, str, str], tuple[float, float]]
+
+
 #: Colour scales of the logged maps: each map min-max scaled, or one scale per probe image, method and target kept
 #: over the run (the largest value seen so far), so a map that fades or spreads over training shows as such.
 CAM_SCALES = ("image", "run")
@@ -237,7 +253,6 @@ class GradCam(Kind):
             raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {scale!r}")
         self.scale = scale
         self.metrics = bool(metrics)
-        self._confidence: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -292,8 +307,8 @@ class GradCam(Kind):
             return Needs(graph_activations=layers)
         return Needs(activations=layers, scores=True)
 
-    def compute(self, ctx: StepContext) -> dict[tuple[str, str, str], torch.Tensor]:
-        """Raw maps ``{(layer, method, target): [N, h, w]}`` (ReLU applied), every method and target."""
+    def compute(self, ctx: StepContext) -> CamStep:
+        """Every method's maps for every layer and target, and the confidence measures that need the model."""
         shared = ctx.shared
         maps: dict[tuple[str, str, str], torch.Tensor] = {}
         keys = [k for k in ("true", "pred") if k in shared.targets]
@@ -314,11 +329,13 @@ class GradCam(Kind):
                         continue
                     inputs = self._inputs(ctx, layer, module, acts, key, classes, spec)
                     maps[(layer, spec.name, key)] = spec.fn(inputs).clamp_min(0)
-        self._confidence = self._confidence_changes(ctx, maps) if self.metrics else {}
-        return maps
+        size = tuple(shared.inputs.shape[-2:])
+        resized: dict[int, torch.Tensor] = {}  # equal target sets share their maps, and so their resized maps
+        full = {k: resized.setdefault(id(raw), _resize(raw, size)) for k, raw in maps.items()}
+        return CamStep(maps, full, self._confidence_changes(ctx, full) if self.metrics else {})
 
     @torch.no_grad()
-    def _confidence_changes(self, ctx, maps) -> dict[tuple[str, str, str], tuple[float, float]]:
+    def _confidence_changes(self, ctx, full) -> dict[tuple[str, str, str], tuple[float, float]]:
         """Average drop and increase in confidence (Chattopadhay et al.): the target's softmax probability on the
         probe image times its map (upsampled, min-max scaled; in the model's input space, so masked-out pixels
         become 0, the dataset mean under mean/std normalization) against the probability on the image itself.
@@ -329,17 +346,17 @@ class GradCam(Kind):
         selector = ctx.info.output_selector
         out: dict[tuple[str, str, str], tuple[float, float]] = {}
         done: dict[int, tuple[float, float]] = {}
-        for (layer, method, key), raw in maps.items():
-            if id(raw) in done:  # a target set equal to an earlier one: the same maps, the same answer
-                out[(layer, method, key)] = done[id(raw)]
+        for (layer, method, key), maps in full.items():
+            if id(maps) in done:  # a target set equal to an earlier one: the same maps, the same answer
+                out[(layer, method, key)] = done[id(maps)]
                 continue
-            mask = normalize_maps(raw, tuple(x.shape[-2:])).to(device=x.device, dtype=x.dtype)
+            mask = normalize_maps(maps).to(device=x.device, dtype=x.dtype)
             masked = select_output(ctx.net(x * mask[:, None]), selector).float().softmax(dim=1)
             t = shared.targets[key][:, None]
             y, o = probs.gather(1, t)[:, 0], masked.gather(1, t)[:, 0]
             drop = ((y - o).clamp_min(0) / y.clamp_min(1e-12)).mean().item()
             increase = (o > y).float().mean().item()
-            done[id(raw)] = out[(layer, method, key)] = (drop, increase)
+            done[id(maps)] = out[(layer, method, key)] = (drop, increase)
         return out
 
     def _inputs(self, ctx, layer, module, acts, key, classes, spec) -> CamInputs:
@@ -364,18 +381,18 @@ class GradCam(Kind):
             inputs.head_weights = self._heads[layer].detach().float()[classes]
         return inputs
 
-    def log(self, ctx: StepContext, out: Output, computed: dict[tuple[str, str, str], torch.Tensor]) -> None:
+    def log(self, ctx: StepContext, out: Output, computed: CamStep) -> None:
         shared, shown, label_of = ctx.shared, ctx.shown, ctx.info.class_label
         size = tuple(shown.shape[-2:])
         probs = shared.probabilities
         targets = {k: v.cpu() for k, v in shared.targets.items()}
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
-        for layer in dict.fromkeys(layer for layer, _, _ in computed):
+        for layer in dict.fromkeys(layer for layer, _, _ in computed.raw):
             columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
             for spec in self._specs:
                 for key in order:
-                    maps = self._scaled(layer, spec.name, key, computed[(layer, spec.name, key)], size).cpu()
+                    maps = self._scaled((layer, spec.name, key), computed).cpu()
                     columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.label, key))
             for i in range(shown.shape[0]):
                 true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
@@ -396,15 +413,13 @@ class GradCam(Kind):
         region = regions(ctx.info.probe.boxes, ctx.info.probe.masks, size)
         for spec in self._specs:
             for key in order:
-                raw = computed[(layer, spec.name, key)].detach().float()
-                full = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                full = full.clamp_min(0).cpu()
+                full = computed.full[(layer, spec.name, key)].cpu()
                 name = f"{spec.name}/{key}"
                 if region is not None:
                     out.scalar(layer, f"pointing/{name}", pointing(full, region).mean().item())
                     out.scalar(layer, f"energy/{name}", energy(full, region).mean().item())
                 out.scalar(layer, f"entropy/{name}", entropy(full).mean().item())
-                drop, increase = self._confidence.get((layer, spec.name, key), (None, None))
+                drop, increase = computed.confidence.get((layer, spec.name, key), (None, None))
                 if drop is not None:
                     out.scalar(layer, f"confidence_drop/{name}", drop)
                     out.scalar(layer, f"confidence_increase/{name}", increase)
@@ -418,13 +433,14 @@ class GradCam(Kind):
                 pairs = [spearman(a, b).mean() for i, a in enumerate(fulls) for b in fulls[i + 1:]]
                 out.scalar(layer, f"agreement/{key}", torch.stack(pairs).mean().item())
 
-    def _scaled(self, layer: str, method: str, key: str, maps: torch.Tensor, size) -> torch.Tensor:
+    def _scaled(self, which: tuple[str, str, str], computed: CamStep) -> torch.Tensor:
+        """One map set ``[N, H, W]`` in ``[0, 1]`` on the kind's colour scale (see :data:`CAM_SCALES`)."""
+        full = computed.full[which]
         if self.scale == "image":
-            return normalize_maps(maps, size)
-        peak = maps.detach().float().amax(dim=(1, 2)).cpu()
-        seen = self._run_max.get((layer, method, key))
+            return normalize_maps(full)
+        peak = computed.raw[which].detach().float().amax(dim=(1, 2)).cpu()
+        seen = self._run_max.get(which)
         seen = peak if seen is None or seen.shape != peak.shape else torch.maximum(seen, peak)
-        self._run_max[(layer, method, key)] = seen
-        resized = F.interpolate(maps.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        scale = torch.where(seen > _EPS, 1.0 / seen.clamp_min(_EPS), 0.0).to(resized.device)
-        return (resized * scale[:, None, None]).clamp_(0, 1)
+        self._run_max[which] = seen
+        scale = torch.where(seen > _EPS, 1.0 / seen.clamp_min(_EPS), 0.0).to(full.device)
+        return (full * scale[:, None, None]).clamp(0, 1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
+from cnnvis_tb.kinds.base import Kind, Output, StepContext, positive_int
 from cnnvis_tb.render import colorize, make_grid, to_uint8, upscale
 
 __all__ = ["kernel_grid", "KernelGrid", "render_kernels", "Kernels"]
@@ -141,9 +141,6 @@ class Kernels(Kind):
     @classmethod
     def from_options(cls, options):
         return cls(max_kernels=options.get("max_kernels", 64))
-
-    def default_layers(self, info: ModelInfo) -> list[str]:
-        return info.spread_layers(3)
 
     def log(self, ctx: StepContext, out: Output, computed: object) -> None:
         for layer, module in self.each_layer(ctx.net):
