@@ -10,9 +10,6 @@ import torch
 
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 from cnnvis_tb.kinds.base import Kind, positive_int
-from cnnvis_tb.kinds.cam_methods import check_methods
-from cnnvis_tb.kinds.gradcam import CAM_SCALES
-from cnnvis_tb.kinds.saliency import check_saliency_methods
 from cnnvis_tb.probe import Probe, check_annotations, load_probe
 from cnnvis_tb.schedule import apply_every, resolve_kinds
 
@@ -70,15 +67,6 @@ def check_options(
                         actmax_channels=actmax_channels, actmax_background=actmax_background,
                         saliency_methods=saliency_methods, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
                         cam_scale=cam_scale, cam_metrics=cam_metrics)
-    for name in ("top_k", "max_kernels", "actmax_steps"):  # checked also when their kind is not logged
-        positive_int(name, kind_options[name])
-    if not isinstance(actmax_channels, Mapping):
-        positive_int("actmax_channels", actmax_channels)
-    check_saliency_methods(saliency_methods)
-    check_methods(cam_methods)
-    positive_int("cam_batch_size", cam_batch_size)
-    if cam_scale not in CAM_SCALES:
-        raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {cam_scale!r}")
     checked_kinds = resolve_kinds(kinds, kind_options)
     apply_every(every, checked_kinds)
     positive_int("probe_size", probe_size)

@@ -14,10 +14,12 @@ __all__ = ["resolve_kinds", "apply_every", "due_kinds"]
 def resolve_kinds(
     kinds: Iterable[str | Kind] | str | Kind | None, options: Mapping[str, Any] | None = None
 ) -> list[Kind]:
-    """The kinds to log, as instances: built-in names are built from ``options`` (VisLogger's keyword options),
-    ``Kind`` instances are checked and kept. Built-in kinds come in the registry's order, a user's after them in
+    """The kinds to log, as instances: built-in names are built from ``options`` (VisLogger's keyword options; every
+    built-in kind is built, so its options are checked even when it is not logged), ``Kind`` instances are checked
+    and kept. Built-in kinds come in the registry's order, a user's after them in
     the given order. Unknown names raise with close matches; two kinds with one name raise."""
-    options = options or {}
+    # Every built-in kind is built from the options, logged or not, so a bad option fails now whichever kinds run.
+    built = {name: cls.from_options(options or {}) for name, cls in BUILTIN.items()}
     if kinds is None:
         kinds = DEFAULT_KINDS
     if isinstance(kinds, (str, Kind)):
@@ -29,7 +31,7 @@ def resolve_kinds(
         if isinstance(kind, str):
             if kind not in BUILTIN:
                 raise unknown_kind(kind, list(BUILTIN))
-            kind = BUILTIN[kind].from_options(options)
+            kind = built[kind]
         elif isinstance(kind, type) and issubclass(kind, Kind):
             raise TypeError(f"kinds holds the class {kind.__name__}; pass an instance: {kind.__name__}()")
         check_kind_class(kind, BUILTIN)

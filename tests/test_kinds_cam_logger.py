@@ -129,6 +129,10 @@ def test_bad_cam_options_fail_in_the_constructor(tmp_path):
         VisLogger(TinyCNN(), tmp_path, probe=probe, cam_scale="global")
     with pytest.raises(ValueError, match=r"cam_batch_size must be a positive int"):
         VisLogger(TinyCNN(), tmp_path, probe=probe, cam_batch_size=0)
+    with pytest.raises(ValueError, match=r"cam_scale must be one of"):  # also when the gradcam kind is not logged
+        VisLogger(TinyCNN(), tmp_path, probe=probe, kinds=["kernels"], cam_scale="global")
+    with pytest.raises(ValueError, match=r"top_k must be a positive int"):
+        VisLogger(TinyCNN(), tmp_path, probe=probe, kinds=["kernels"], top_k=0)
 
     class NoGapHead(nn.Module):
         def __init__(self):
