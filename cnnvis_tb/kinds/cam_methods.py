@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_tb.hooks import capture
+from cnnvis_tb.layers import select_output
 
 __all__ = ["CamMethod", "CamInputs", "METHODS", "check_methods", "bias_layers", "linear_head", "Scorer"]
 
@@ -354,8 +355,6 @@ def linear_head(net: nn.Module, layer: str, module: nn.Module, x: torch.Tensor,
     """The linear head that CAM needs: an ``nn.Linear`` whose input is the global average of ``layer``'s output and
     whose output is the model's class scores (both checked numerically on ``x``). Raises ``ValueError`` saying why
     not and what to use instead."""
-    from cnnvis_tb.layers import select_output
-
     linears = {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.hooks import capture
+from cnnvis_tb.hooks import capture, first_tensor
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, positive_int
 from cnnvis_tb.kinds.cam_methods import METHODS, CamInputs, Scorer, bias_layers, check_methods, linear_head
 from cnnvis_tb.kinds.cam_metrics import energy, entropy, pointing, regions, spearman
@@ -102,8 +102,6 @@ def target_scorer(targets: Targets, output: object, output_selector=None) -> tup
 
 
 def _rows(output: object, output_selector) -> int:
-    from cnnvis_tb.hooks import first_tensor
-
     value = output_selector(output) if output_selector is not None else output
     tensor = value if isinstance(value, torch.Tensor) else first_tensor(value)
     return tensor.shape[0]
