@@ -41,6 +41,8 @@ __all__ = ["saliency", "saliency_from_gradients", "guided_gradcam", "check_salie
 SALIENCY_METHODS = ("vanilla", "smoothgrad", "guided", "deconvnet", "guided_gradcam")
 #: Methods that swap the model's ReLUs for ones with another backward rule during their forward pass.
 _RELU_METHODS = ("guided", "deconvnet", "guided_gradcam")
+#: Noisy copies per image SmoothGrad averages over by default.
+SMOOTHGRAD_SAMPLES = 16
 #: Noisy images per forward pass of SmoothGrad by default (copies of several images share a pass).
 MAX_BATCH = 64
 
@@ -140,7 +142,7 @@ def input_gradients(
     targets: int | Sequence[int] | torch.Tensor | None,
     method: str = "vanilla",
     *,
-    samples: int = 16,
+    samples: int = SMOOTHGRAD_SAMPLES,
     noise: float = 0.15,
     seed: int = 0,
     batch_size: int | None = None,
@@ -205,7 +207,7 @@ def saliency(
     targets: int | Sequence[int] | torch.Tensor | None = None,
     *,
     method: str = "vanilla",
-    samples: int = 16,
+    samples: int = SMOOTHGRAD_SAMPLES,
     noise: float = 0.15,
     seed: int = 0,
     batch_size: int | None = None,
@@ -330,7 +332,8 @@ class Saliency(Kind):
             return saliency_from_gradients(gradients(method))
 
         if "smoothgrad" in self.methods:
-            logging.getLogger("cnnvis_tb").info("step %d: SmoothGrad over %d noisy copies", ctx.step, 16 * len(targets))
+            logging.getLogger("cnnvis_tb").info("step %d: SmoothGrad over %d noisy copies", ctx.step,
+                                                SMOOTHGRAD_SAMPLES * len(targets))
         maps: dict[str, torch.Tensor] = {}
         for method in self.methods:
             m = ctx.guarded(f"saliency ({method})", lambda m=method: saliency_map(m))
