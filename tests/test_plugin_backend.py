@@ -14,6 +14,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +258,7 @@ def test_steps_are_read_once_and_again_when_new_steps_arrive(tmp_path, monkeypat
     assert steps() == [0, 2]
     assert steps() == [0, 2]
     assert len(reads) == 1
+    next_second()  # a later event file of the run must sort after the earlier ones (see next_second)
     with SummaryWriter(tmp_path / "run_a") as writer:
         writer.add_image(GRADCAM_0, picture("run_a", 4, GRADCAM_0), 4)
     served.multiplexer.AddRunsFromDirectory(str(tmp_path))
@@ -299,6 +301,15 @@ def count_series_reads(served: Served, monkeypatch) -> list[object]:
     return reads
 
 
+def next_second() -> None:
+    """Wait for the clock's next second. Event file names start with their creation second and end with a
+    per-process counter, and TensorBoard reads a run's files in name order, moving only forward: a second file
+    created in the same second whose counter has one digit more (…9 then …10) sorts first and is never read."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.02)
+
+
 def reload(served: Served, logdir: Path) -> None:
     """What TensorBoard's reload thread does: pick up new files and new records."""
     served.multiplexer.AddRunsFromDirectory(str(logdir))
@@ -333,6 +344,7 @@ def test_image_reads_its_series_once_and_again_when_it_changes(tmp_path, monkeyp
     assert reads == [["run_a"]]
 
     # A new step: the listing's newest step moves, the map is read again, once.
+    next_second()  # a later event file of the run must sort after the earlier ones (see next_second)
     with SummaryWriter(tmp_path / "run_a") as writer:
         writer.add_image(GRADCAM_0, picture("run_a", 4, GRADCAM_0), 4)
     reload(served, tmp_path)
@@ -343,6 +355,7 @@ def test_image_reads_its_series_once_and_again_when_it_changes(tmp_path, monkeyp
     # A rewritten step (a restarted run logs step 2 again): the newest wall time moves and the map is read
     # again. Which of the two step-2 images TensorBoard keeps depends on the order it read the two event files
     # (written within one second here), so either is right; a stale map would serve neither consistently.
+    next_second()  # a later event file of the run must sort after the earlier ones (see next_second)
     with SummaryWriter(tmp_path / "run_a", filename_suffix=".restart") as writer:
         writer.add_image(GRADCAM_0, np.full((3, HEIGHT, WIDTH), 7, np.uint8), 2)
     reload(served, tmp_path)
