@@ -74,7 +74,34 @@ def pgc_runner(cls_name, model, layer, x, targets, **kwargs):
             warnings.simplefilter("ignore")
             return extractor(input_tensor=x, targets=objects)
 
+    run.model = twin  # the copy it hooks, to count its forward passes
     return run
+
+
+def counted(fn, modules):
+    """``fn()`` and, per named module, ``(calls, images)``: how often it ran and on how many images in all."""
+    seen = {name: [0, 0] for name in modules}
+
+    def make(name):
+        def pre_hook(_module, args):
+            seen[name][0] += 1
+            seen[name][1] += args[0].shape[0]
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(make(name)) for name, m in modules.items()]
+    try:
+        result = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, {name: tuple(v) for name, v in seen.items()}
+
+
+def passes(counts, first="conv1", last="fc"):
+    """``"calls (images) before the layer / after it"`` from :func:`counted`'s counts."""
+    (c0, i0), (c1, i1) = counts[first], counts[last]
+    return f"{c0} ({i0:,} images) / {c1} ({i1:,} images)"
 
 
 def masked_floor(model, layer, x, batch):
@@ -108,9 +135,11 @@ def main(argv=None):
 
     x, targets = torch.randn(4, 3, 64, 64), torch.tensor([1, 4, 7, 9])
     perturbation_rounds = 2 if args.quick else 3
-    ours_ab = cam(resnet, x, "layer4", targets, "ablationcam", batch_size=128)
+    ours_ab, ours_passes = counted(lambda: cam(resnet, x, "layer4", targets, "ablationcam", batch_size=128),
+                                   {"conv1": resnet.conv1, "fc": resnet.fc})
     pgc_ab = pgc_runner("AblationCAM", resnet, "layer4", x, targets)
-    corr = min(pearson(a, b) for a, b in zip(ours_ab.numpy(), pgc_ab(), strict=True))
+    pgc_maps, pgc_passes = counted(pgc_ab, {"conv1": pgc_ab.model.conv1, "fc": pgc_ab.model.fc})
+    corr = min(pearson(a, b) for a, b in zip(ours_ab.numpy(), pgc_maps, strict=True))
     times = interleaved({"ours": lambda: cam(resnet, x, "layer4", targets, "ablationcam", batch_size=128),
                          "pgc": pgc_ab}, rounds=perturbation_rounds)
     rows += [
@@ -120,6 +149,10 @@ def main(argv=None):
               "<=", 0.2, unit="×"),
         check("ResNet-18 4×64² layer4 Ablation-CAM: map correlation with pytorch-grad-cam, min", corr, ">=", 0.99,
               fmt="{:.4f}"),
+        info("ResNet-18 4×64² layer4 Ablation-CAM: forward passes through conv1 / through fc, ours",
+             passes(ours_passes)),
+        info("ResNet-18 4×64² layer4 Ablation-CAM: forward passes through conv1 / through fc, pytorch-grad-cam",
+             passes(pgc_passes)),
     ]
 
     batches = (16, 32, 64) if args.quick else (16, 32, 64, 128)
@@ -127,8 +160,10 @@ def main(argv=None):
                          warmup=0)
     best = min(batches, key=lambda b: float(np.median(floors[b])))
     pgc_sc = pgc_runner("ScoreCAM", resnet, "layer4", x, targets, batch_size=best)
-    corr = min(pearson(a, b) for a, b in zip(cam(resnet, x, "layer4", targets, "scorecam", batch_size=best).numpy(),
-                                              pgc_sc(), strict=True))
+    ours_sc, ours_passes = counted(lambda: cam(resnet, x, "layer4", targets, "scorecam", batch_size=best),
+                                   {"conv1": resnet.conv1, "fc": resnet.fc})
+    pgc_maps, pgc_passes = counted(pgc_sc, {"conv1": pgc_sc.model.conv1, "fc": pgc_sc.model.fc})
+    corr = min(pearson(a, b) for a, b in zip(ours_sc.numpy(), pgc_maps, strict=True))
     times = interleaved({
         "ours": lambda: cam(resnet, x, "layer4", targets, "scorecam", batch_size=best),
         "floor": lambda: masked_floor(resnet, "layer4", x, best),
@@ -144,6 +179,9 @@ def main(argv=None):
               paired_ratio(times, "ours", "pgc"), "<=", 1.0, unit="×"),
         check("ResNet-18 4×64² layer4 Score-CAM: map correlation with pytorch-grad-cam, min", corr, ">=", 0.99,
               fmt="{:.4f}"),
+        info("ResNet-18 4×64² layer4 Score-CAM: forward passes (images), ours / pytorch-grad-cam",
+             f"{ours_passes['conv1'][0]} ({ours_passes['conv1'][1]:,}) / {pgc_passes['conv1'][0]} "
+             f"({pgc_passes['conv1'][1]:,})"),
     ]
 
     module = resnet.layer4

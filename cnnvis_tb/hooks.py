@@ -13,7 +13,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["capture", "first_tensor", "StopForward"]
+__all__ = ["capture", "first_tensor", "StopForward", "OWN"]
+
+#: Suffix of the key under which :func:`capture` records a layer's own output (see its ``own`` argument).
+OWN = ":own"
 
 
 def first_tensor(output: object) -> torch.Tensor | None:
@@ -39,6 +42,7 @@ def capture(
     for_grad: bool = False,
     stop_after: str | None = None,
     stop_before: dict[str, nn.Module] | None = None,
+    own: tuple[str, ...] | frozenset[str] = (),
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output tensor of each module in ``modules`` during the forward passes run in the body.
 
@@ -51,6 +55,9 @@ def capture(
             produced it is kept.
         stop_after: name of a module after whose output the forward pass is cut short with :class:`StopForward`
             (which this context swallows); saves the rest of the network when only early layers matter.
+        own: names (of ``modules``, with ``for_grad``) whose own output is also recorded, as ``"<name>:own"``
+            (:data:`OWN`): the tensor as the layer produced it, in the graph and untouched by a following in-place
+            op, so its gradient is that of the layer's output itself (FullGrad's bias terms).
         stop_before: ``{name: module}`` (one entry): record the module's input as ``"<name>:input"`` (in the
             graph) and cut the forward pass short before the module runs.
 
@@ -78,6 +85,8 @@ def capture(
                     # with respect to this activation still exist.
                     passed_on.requires_grad_(True)
                 outputs[name] = passed_on
+                if name in own:
+                    outputs[name + OWN] = tensor if tensor.requires_grad else passed_on
                 replacement = _replace_tensor(output, tensor, passed_on)
             if name == stop_after:
                 raise StopForward(name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cnnvis_tb.hooks import capture
+from cnnvis_tb.hooks import OWN, capture
 from cnnvis_tb.kinds.base import Needs
 from cnnvis_tb.layers import select_output
 
@@ -34,8 +34,10 @@ class ProbePass:
         inputs: the probe as fed (requires grad when input gradients were asked for).
         targets: ``{"true": [N], "pred": [N]}`` class per image ("true" only with probe labels).
         activations: ``{layer: [N, ...]}`` detached copies of layer outputs.
-        graph_activations: ``{layer: [N, ...]}`` layer outputs in the autograd graph.
-        grads: ``{target: {layer or "input": gradient}}``; a layer the scores do not depend on maps to None.
+        graph_activations: ``{layer: [N, ...]}`` layer outputs in the autograd graph, as the network consumed them.
+        own_activations: ``{"<layer>:own": [N, ...]}`` layer outputs in the graph as the layers produced them.
+        grads: ``{target: {layer, "<layer>:own" or "input": gradient}}``; a layer the scores do not depend on maps
+            to None.
     """
 
     scores: torch.Tensor
@@ -43,6 +45,7 @@ class ProbePass:
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     graph_activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    own_activations: dict[str, torch.Tensor] = field(default_factory=dict)
     grads: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
 
     @property
@@ -69,8 +72,9 @@ def run_probe_pass(
     if needs.input_gradients:
         x = x.clone().requires_grad_(True)
     with contextlib.ExitStack() as stack:
-        graph_acts = stack.enter_context(capture(_modules(net, needs.graph_activations), for_grad=True)) if (
-            needs.graph_activations) else {}
+        hooked = _modules(net, needs.graph_activations + needs.own_gradients)
+        graph_acts = stack.enter_context(capture(hooked, for_grad=True, own=frozenset(needs.own_gradients))) if (
+            hooked) else {}
         acts = stack.enter_context(capture(_modules(net, needs.activations))) if needs.activations else {}
         with torch.set_grad_enabled(needs.gradients):
             scores = select_output(net(x), output_selector)
@@ -78,7 +82,8 @@ def run_probe_pass(
     targets = {"true": labels.to(pred.device)} if labels is not None else {}
     targets["pred"] = pred
     record = ProbePass(scores=scores, inputs=x, targets=targets, activations=dict(acts),
-                       graph_activations=dict(graph_acts))
+                       graph_activations={n: t for n, t in graph_acts.items() if n in needs.graph_activations})
+    record.own_activations = {n + OWN: graph_acts[n + OWN] for n in needs.own_gradients if n + OWN in graph_acts}
     if needs.gradients:
         _gradients(record, needs)
     return record
@@ -89,6 +94,8 @@ def _gradients(record: ProbePass, needs: Needs) -> None:
     distinct target set: when every prediction is right, 'true' reuses the 'pred' gradients."""
     names = [n for n in needs.graph_activations if n in record.graph_activations]
     inputs = [record.graph_activations[n] for n in names]
+    names += list(record.own_activations)
+    inputs += list(record.own_activations.values())
     if needs.input_gradients:
         names.append("input")
         inputs.append(record.inputs)

@@ -177,3 +177,23 @@ def test_a_frozen_backbone_still_gets_every_gradient_method(tmp_path):
     with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True) as vis:
         vis.step(0)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_logged_fullgrad_does_not_depend_on_in_place_relus(tmp_path):
+    """FullGrad's bias terms use the gradient of each bias layer's own output, taken before the ReLU(inplace=True)
+    after it: the logged strip of a model equals that of its copy with out-of-place ReLUs."""
+    import copy
+
+    model = _trained_tiny(2)
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    probe, labels = make_batch(51, n=2)
+    strips = []
+    for net, run in ((model, "inplace"), (twin, "out_of_place")):
+        with VisLogger(net, tmp_path / run, probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True,
+                       cam_methods=["fullgrad"], layers={"gradcam": ["body"]}) as vis:
+            vis.step(0)
+        strips.append(image_at(read_events(tmp_path / run), "cnnvis/gradcam/body/probe_000").astype(int))
+    assert np.abs(strips[0] - strips[1]).max() <= 1

@@ -65,6 +65,9 @@ class Needs:
         graph_activations: layers whose outputs it reads in the autograd graph, with the gradients of each
             target's class scores with respect to them (``shared.graph_activations``, ``shared.grads``).
         input_gradients: it reads the gradients of each target's scores with respect to the probe input.
+        own_gradients: layers whose own outputs it needs the gradients of, taken before any in-place op that
+            follows the layer (``ReLU(inplace=True)``, ``+=``), under ``shared.grads[target]["<layer>:own"]``;
+            ``graph_activations`` are the outputs as the network consumes them (FullGrad's bias terms need these).
         scores: it reads the class scores (``shared.scores``, ``shared.targets``) even without the above.
     """
 
@@ -72,9 +75,10 @@ class Needs:
     graph_activations: tuple[str, ...] = ()
     input_gradients: bool = False
     scores: bool = False
+    own_gradients: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("activations", "graph_activations"):
+        for name in ("activations", "graph_activations", "own_gradients"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"Needs.{name} must be a sequence of layer names, got {value!r}")
@@ -83,11 +87,11 @@ class Needs:
     @property
     def forward(self) -> bool:
         """Whether the shared forward pass is needed at all."""
-        return bool(self.activations or self.graph_activations or self.input_gradients or self.scores)
+        return bool(self.activations or self.gradients or self.scores)
 
     @property
     def gradients(self) -> bool:
-        return bool(self.graph_activations or self.input_gradients)
+        return bool(self.graph_activations or self.own_gradients or self.input_gradients)
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -95,6 +99,7 @@ class Needs:
             graph_activations=self.graph_activations + other.graph_activations,
             input_gradients=self.input_gradients or other.input_gradients,
             scores=self.scores or other.scores,
+            own_gradients=self.own_gradients + other.own_gradients,
         )
 
 

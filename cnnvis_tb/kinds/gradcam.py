@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.hooks import capture, first_tensor
+from cnnvis_tb.hooks import OWN, capture, first_tensor
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, positive_int
 from cnnvis_tb.kinds.cam_methods import METHODS, CamInputs, Scorer, bias_layers, check_methods, linear_head
 from cnnvis_tb.kinds.cam_metrics import energy, entropy, pointing, regions, spearman
@@ -144,11 +144,14 @@ def cam(
     spec = METHODS[method]
     with preserved(net):
         x = images.detach().to(device=model_device(net), dtype=model_dtype(net))
+        if x.is_inference():  # made under torch.inference_mode(): a normal tensor can be saved for backward
+            x = x.clone()
         biases = bias_layers(net) if spec.full_gradients else {}
         if spec.full_gradients:
             x = x.clone().requires_grad_(True)
         hooked = {name: module, **{n: m for n, (m, _) in biases.items()}}
-        with capture(hooked, for_grad=True) as acts, torch.set_grad_enabled(spec.gradients or spec.full_gradients):
+        grad_on = spec.gradients or spec.full_gradients
+        with capture(hooked, for_grad=True, own=frozenset(biases)) as acts, torch.set_grad_enabled(grad_on):
             output = net(x)
         if name not in acts:
             raise RuntimeError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
@@ -160,13 +163,13 @@ def cam(
         inputs = CamInputs(acts=acts[name].detach().float(), net=net, layer=name, module=module, images=x.detach(),
                            scorer=scorer, base_scores=base.detach(), batch_size=batch_size)
         if spec.gradients or spec.full_gradients:
-            wrt = [acts[name]] + [acts[n] for n in biases if n in acts] + ([x] if spec.full_gradients else [])
+            used = [n for n in biases if n + OWN in acts]  # FullGrad: the bias layers' own outputs
+            wrt = [acts[name]] + [acts[n + OWN] for n in used] + ([x] if spec.full_gradients else [])
             grads = torch.autograd.grad(base.sum(), wrt, allow_unused=True)
             inputs.grads = _zero_if_none(grads[0], acts[name]).float()
             if spec.full_gradients:
                 inputs.input_grads = _zero_if_none(grads[-1], x)
-                used = [n for n in biases if n in acts]
-                inputs.bias_grads = {n: (biases[n][1], _zero_if_none(g, acts[n]).detach())
+                inputs.bias_grads = {n: (biases[n][1], _zero_if_none(g, acts[n + OWN]).detach())
                                      for n, g in zip(used, grads[1:-1], strict=True)}
         if spec.head:
             if classes is None:
@@ -300,7 +303,7 @@ class GradCam(Kind):
         specs = self._specs
         layers = tuple(self.layers)
         if any(s.full_gradients for s in specs):
-            return Needs(graph_activations=layers + tuple(self._bias), input_gradients=True)
+            return Needs(graph_activations=layers, own_gradients=tuple(self._bias), input_gradients=True)
         if any(s.gradients for s in specs):
             return Needs(graph_activations=layers)
         return Needs(activations=layers, scores=True)
@@ -369,8 +372,8 @@ class GradCam(Kind):
             inputs.grads = g.detach().float()
         if spec.full_gradients:
             inputs.input_grads = grads["input"].detach()
-            inputs.bias_grads = {n: (b, grads[n].detach()) for n, (_, b) in self._bias.items()
-                                 if grads.get(n) is not None}
+            inputs.bias_grads = {n: (b, grads[n + OWN].detach()) for n, (_, b) in self._bias.items()
+                                 if grads.get(n + OWN) is not None}
         if spec.forwards:
             selector = ctx.info.output_selector
             inputs.scorer = lambda out, owner: select_output(out, selector).gather(1, classes[owner][:, None])[:, 0]
