@@ -1,5 +1,5 @@
-// The tab: fetches /index and /steps, keeps the selection, and lays out the controls bar, the
-// runs × steps grid, the filmstrip and the layer table. Kinds, their labels and their order are the
+// The tab: fetches /index, /steps and /metrics, keeps the selection, and lays out the controls bar, the
+// runs × steps grid, the trends charts, the filmstrip and the layer table. Kinds, their labels and their order are the
 // backend's (/index reads them from the runs' kinds tables), so a user's own kind shows up as is.
 
 import {getJson, imageUrl} from "./api.js";
@@ -8,6 +8,7 @@ import {el, select} from "./dom.js";
 import {Lightbox} from "./lightbox.js";
 import {emptyView, errorView, loadingView} from "./messages.js";
 import {readState, saveState} from "./state.js";
+import {Trends} from "./trends.js";
 import {Filmstrip, LazyImages, StepGrid, textSummary} from "./views.js";
 
 /** TensorBoard's categorical run colours, in the order runs are listed. */
@@ -56,6 +57,14 @@ export class App {
     this.layerTables = new Map();
     this.imageRatio = 1;
     this.controls = null;
+    this.metrics = null; // the /metrics answer
+    this.metricsJson = "";
+    this.metricsRequest = 0;
+    this.trends = new Trends({
+      colorOf: (run) => this.colorOf(run),
+      onPickStep: (step) => this.setStepIndex(nearestIndex(this.columns, step)),
+      onGroup: (key) => this.selectMetrics(key),
+    });
     // The grid's row of step numbers sticks just below the controls bar, whose height varies (it wraps).
     this.barObserver = new ResizeObserver(() => {
       const height = this.controls?.element.getBoundingClientRect().height ?? 0;
@@ -90,8 +99,43 @@ export class App {
       this.indexJson = json;
       this.setIndex(index);
     } else if (this.index.runs.length) {
-      await this.loadSteps({refresh: true});
+      await Promise.all([this.loadSteps({refresh: true}), this.loadMetrics()]);
     }
+  }
+
+  /** Fetches /metrics; redraws the trends when the answer changed. */
+  async loadMetrics() {
+    const request = ++this.metricsRequest;
+    if (!this.metrics) this.trends.showLoading(loadingView("Loading metrics…"));
+    let answer;
+    try {
+      answer = await getJson("metrics");
+    } catch (error) {
+      if (request === this.metricsRequest && !this.metrics) this.trends.showError(error, () => this.loadMetrics());
+      return;
+    }
+    const json = JSON.stringify(answer);
+    if (request !== this.metricsRequest || json === this.metricsJson) return;
+    this.metricsJson = json;
+    this.metrics = answer;
+    this.renderTrends();
+  }
+
+  /** Redraws the trends for the shown runs and the grid's kind and layer. */
+  renderTrends() {
+    if (!this.metrics || !this.current) return;
+    this.trends.update(this.metrics, {
+      runs: this.metrics.runs.filter((run) => !this.state.hidden.has(run)),
+      wanted: this.state.metrics,
+      kind: this.current.kind.kind,
+      layer: this.current.layer.layer,
+    });
+  }
+
+  selectMetrics(key) {
+    this.state.metrics = key;
+    saveState(this.state);
+    this.renderTrends();
   }
 
   setIndex(index) {
@@ -125,6 +169,7 @@ export class App {
     this.controls.sync(this.current, this.state.hidden);
     this.stepsJson = "";
     this.loadSteps({refresh: false});
+    this.loadMetrics();
   }
 
   /** Replaces selection hints that the data does not hold (first kind, layer, view). */
@@ -153,6 +198,7 @@ export class App {
 
   select(change) {
     Object.assign(this.state, change);
+    if ("kind" in change || "layer" in change) this.state.metrics = null; // the trends follow the grid again
     this.resolveSelection();
     this.controls.sync(this.current, this.state.hidden);
     saveState(this.state);
@@ -262,6 +308,7 @@ export class App {
         this.grid.element,
         missing.length ? el("p", {className: "cv-note", text: `Not logged by: ${missing.join(", ")}`}) : null,
       ]),
+      this.trends.element,
       el("section", {className: "cv-card"}, [
         el("div", {className: "cv-card-head"}, [
           el("h2", {className: "cv-card-title", text: "Filmstrip"}),
@@ -272,6 +319,7 @@ export class App {
       ]),
       this.layerTableCard(runs[0]),
     );
+    this.renderTrends();
     this.applyCellBox();
     this.controls.syncSteps(this.columns);
     const wanted = this.state.step ?? this.columns[this.columns.length - 1];
@@ -294,6 +342,7 @@ export class App {
     this.controls.showStep(this.stepIndex, this.columns);
     this.grid?.setStep(this.stepIndex, {scroll});
     this.film?.setStep(step);
+    this.trends.mark(step);
     if (save) saveState(this.state);
   }
 

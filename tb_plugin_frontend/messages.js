@@ -28,3 +28,8 @@ export function errorView(title, error, retry) {
     el("button", {className: "cv-button", text: "Retry", attrs: {type: "button"}, on: {click: retry}}),
   ]);
 }
+
+/** A short note inside a card that has nothing to show yet. */
+export function emptyMessage(text) {
+  return el("p", {className: "cv-note cv-empty", text});
+}

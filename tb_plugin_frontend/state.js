@@ -2,10 +2,10 @@
 // survives a reload. Keys follow TensorBoard's convention for plugin data in the URL
 // (`p.<plugin>.<key>` query arguments), which TensorBoard keeps while it switches tabs:
 //   ?p.cnnvis.kind=gradcam&p.cnnvis.layer=layer4&p.cnnvis.view=probe_002&p.cnnvis.step=120
-//    &p.cnnvis.size=128&p.cnnvis.film=runA&p.cnnvis.hide=runB&p.cnnvis.hide=runC#cnnvis
+//    &p.cnnvis.size=128&p.cnnvis.film=runA&p.cnnvis.metrics=health/probe&p.cnnvis.hide=runB#cnnvis
 
 const PREFIX = "p.cnnvis.";
-const SINGLE_KEYS = ["kind", "layer", "view", "step", "size", "film"];
+const SINGLE_KEYS = ["kind", "layer", "view", "step", "size", "film", "metrics"];
 
 export const SIZE = {min: 48, max: 480, step: 8, initial: 160};
 /** Sliders fire many events and browsers throttle history updates: write once they pause. */
@@ -40,7 +40,7 @@ function parseSize(text) {
 /**
  * Reads the selection from the URL. Values are only hints: the app checks them against the data.
  * @returns {{kind: ?string, layer: ?string, view: ?string, step: ?number, size: number,
- *            film: ?string, hidden: Set<string>}}
+ *            film: ?string, metrics: ?string, hidden: Set<string>}}
  */
 export function readState() {
   const params = new URL(hostWindow().location.href).searchParams;
@@ -52,6 +52,7 @@ export function readState() {
     step: parseStep(get("step")),
     size: parseSize(get("size")),
     film: get("film"),
+    metrics: get("metrics"),
     hidden: new Set(params.getAll(PREFIX + "hide")),
   };
 }

@@ -749,3 +749,52 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision
     }
     assert {f"cnnvis_tb.plugin.{name}" for name in ("cnnvis_plugin", "args", "images", "index", "texts")} <= imported
     assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision")}
+
+
+@pytest.fixture(scope="module")
+def metrics_logdir(tmp_path_factory) -> Path:
+    """Metric scalars of two runs (one rewrites a step, one logs a NaN), plus scalars the route must ignore."""
+    root = tmp_path_factory.mktemp("metrics")
+    pointing = tags.metric_tag("gradcam", "layer4", "pointing/gradcam++/true")
+    per_image = tags.metric_tag("gradcam", "layer4", "pointing/gradcam/true/probe_010")
+    with SummaryWriter(root / "run_10") as writer:
+        for step in (0, 5, 10):
+            writer.add_scalar(pointing, step / 10, step)
+        writer.add_scalar(pointing, 0.75, 5)  # a restarted run rewrote step 5: its last value counts
+        writer.add_scalar(tags.metric_tag("health", "probe", "accuracy"), float("nan"), 0)
+        writer.add_scalar("train/loss", 1.0, 0)
+        writer.add_scalar("cnnvis/metrics/summary/x/y", 1.0, 0)  # a reserved name is no kind: ignored
+    with SummaryWriter(root / "run_9") as writer:
+        writer.add_scalar(pointing, 0.5, 0)
+        writer.add_scalar(per_image, 1.0, 0)
+        writer.add_scalar(tags.metric_tag("health", "probe", "accuracy"), 0.25, 0)
+        writer.add_scalar(tags.metric_tag("gradcam", "layer4", "entropy/gradcam++/true"), 0.9, 0)
+    return root
+
+
+def test_metrics_lists_every_cnnvis_scalar_of_every_run(metrics_logdir):
+    answer = get_json(serve(metrics_logdir).client, "metrics")
+    assert answer["runs"] == ["run_9", "run_10"]
+    by_tag = {s["tag"]: s for s in answer["series"]}
+    # kind, layer, then metric in METRIC_ORDER (pointing before entropy), then name
+    assert list(by_tag) == [
+        "cnnvis/metrics/gradcam/layer4/pointing/gradcam++/true",
+        "cnnvis/metrics/gradcam/layer4/pointing/gradcam/true/probe_010",
+        "cnnvis/metrics/gradcam/layer4/entropy/gradcam++/true",
+        "cnnvis/metrics/health/probe/accuracy",
+    ]
+    pointing = by_tag["cnnvis/metrics/gradcam/layer4/pointing/gradcam++/true"]
+    assert (pointing["kind"], pointing["layer"], pointing["metric"]) == ("gradcam", "layer4", "pointing")
+    assert pointing["variant"] == {"method": "gradcam++", "target": "true"}
+    assert pointing["runs"] == [
+        {"run": "run_9", "steps": [0], "values": [0.5]},
+        {"run": "run_10", "steps": [0, 5, 10], "values": [0.0, 0.75, 1.0]},
+    ]
+    per_image = by_tag["cnnvis/metrics/gradcam/layer4/pointing/gradcam/true/probe_010"]
+    assert per_image["variant"] == {"method": "gradcam", "target": "true", "image": "probe_010"}
+    accuracy = {r["run"]: r["values"] for r in by_tag["cnnvis/metrics/health/probe/accuracy"]["runs"]}
+    assert accuracy == {"run_9": [0.25], "run_10": [None]}  # NaN is no JSON: null
+
+
+def test_metrics_of_a_logdir_without_metrics_is_empty(logdir):
+    assert get_json(serve(logdir).client, "metrics") == {"runs": [], "series": []}

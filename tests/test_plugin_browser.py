@@ -709,3 +709,62 @@ def test_text_summary_markdown_cases(open_tab, grid_server):
     ]
     assert summary("| a | b |\n| c | d |") == [{"pre": "| a | b |\n| c | d |"}]
     assert summary("| a | b |\n| --- |\n| c | d |") == [{"pre": "| a | b |\n| --- |\n| c | d |"}]
+
+
+POINTING = "cnnvis/metrics/gradcam/features/pointing/gradcam/true"
+
+
+def test_trends_draw_a_line_per_run_mark_the_step_and_a_click_picks_it(open_tab, demo_logdir, demo_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tab = open_tab("?p.cnnvis.kind=gradcam")
+    frame = tab.frame
+    chart = frame.locator(f".cv-trend[data-tag='{POINTING}']")
+    chart.wait_for(timeout=30_000)
+    assert chart.locator(".cv-trend-title").text_content() == "pointing"  # method and target are picked above it
+    assert frame.locator("select[aria-label='Method']").input_value() == "gradcam"
+    assert frame.locator("select[aria-label='Target']").input_value() == "true"
+    runs = chart.locator(".cv-trend-run").evaluate_all("groups => groups.map(g => g.dataset.run)")
+    assert sorted(runs) == sorted([*demo_runs, HOSTILE_RUN])
+    for run in demo_runs:  # every point is the value TensorBoard's own loader reads back
+        acc = EventAccumulator(str(demo_logdir / run))
+        acc.Reload()
+        expected = [(e.step, e.value) for e in acc.Scalars(POINTING)]
+        points = chart.locator(f".cv-trend-point[data-run='{run}']").evaluate_all(
+            "points => points.map(p => [Number(p.dataset.step), Number(p.dataset.value)])")
+        assert [s for s, _ in points] == [s for s, _ in expected]
+        assert np.allclose([v for _, v in points], [v for _, v in expected])
+    # The grid's step (the latest) is marked on every chart.
+    latest = frame.locator("input[aria-label='Exact step']").input_value()
+    markers = frame.locator(".cv-trend-marker").evaluate_all(
+        "lines => lines.map(l => [l.dataset.step, l.getAttribute('visibility')])")
+    assert len(markers) == frame.locator(".cv-trend").count() > 1
+    assert set(map(tuple, markers)) == {(latest, "visible")}
+    # Hovering a point of the run named like markup shows it as text; clicking a point moves the grid there.
+    # (it is a copy of the first demo run: their points coincide, and the tooltip names both)
+    first = chart.locator(f".cv-trend-point[data-run='{HOSTILE_RUN}']").first
+    box = first.bounding_box()
+    tab.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tooltip = frame.locator(".cv-tooltip")
+    tooltip.wait_for(state="visible")
+    step = first.get_attribute("data-step")
+    assert sorted(tooltip.locator(".cv-run-name").all_text_contents()) == sorted([HOSTILE_RUN, demo_runs[0]])
+    assert f"step {step} · " in tooltip.text_content()
+    assert step != latest, "the check needs a point at another step"
+    tab.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    frame.wait_for_function(
+        "step => document.querySelector(\"input[aria-label='Exact step']\").value === step", arg=step)
+    assert {m for m in frame.locator(".cv-trend-marker").evaluate_all("ls => ls.map(l => l.dataset.step)")} == {step}
+    assert frame.locator(".cv-grid-steps .cv-step-head.cv-current").get_attribute("data-step") == step
+    tab.wait_for_url_part(f"p.cnnvis.step={step}")
+    assert tab.page.locator("img[src='x']").count() == 0 and frame.locator("img[src='x']").count() == 0
+    # Another target: the charts follow the pick.
+    frame.locator("select[aria-label='Target']").select_option("pred")
+    frame.locator(f".cv-trend[data-tag='{POINTING.replace('/true', '/pred')}']").wait_for()
+
+
+def test_trends_say_when_no_metric_was_logged(open_tab, custom_server):
+    tab = open_tab(server=custom_server)
+    note = tab.frame.locator(".cv-trends-card .cv-empty")
+    note.wait_for(timeout=30_000)
+    assert "No metrics logged yet" in note.text_content()

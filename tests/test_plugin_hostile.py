@@ -117,12 +117,20 @@ IMAGE_STATES = """images => images.map((image) => ({
 }))"""
 #: What the frame holds beyond the tab's own elements: elements in its <body> not in TAB_ELEMENTS
 #: (TensorBoard's entry page adds one module script there), and every script, svg, iframe, object or
-#: embed, and img with a source other than the plugin's image route, anywhere in the frame.
+#: embed, and img with a source other than the plugin's image route, anywhere in the frame. The trends
+#: charts are the one svg allowed: class cv-trend-svg, made of the chart's own parts, no event attribute.
 FOREIGN_ELEMENTS = """(allowed) => {
     const entry = (e) => e.localName === 'script' && e.type === 'module' && e.text.startsWith('import("./index.js")');
-    const odd = [...document.body.querySelectorAll('*')].filter((e) => !allowed.includes(e.localName) && !entry(e));
+    const parts = ['svg', 'g', 'line', 'text', 'path', 'circle'];
+    const chart = (e) => {
+        const root = e.closest('svg.cv-trend-svg');
+        return !!root && [root, ...root.querySelectorAll('*')].every((n) =>
+            parts.includes(n.localName) && ![...n.attributes].some((a) => a.name.toLowerCase().startsWith('on')));
+    };
+    const odd = [...document.body.querySelectorAll('*')].filter((e) =>
+        !allowed.includes(e.localName) && !entry(e) && !chart(e));
     const risky = [...document.querySelectorAll('script, svg, iframe, object, embed, img[src]')].filter((e) =>
-        e.localName === 'img' ? !e.src.includes('/data/plugin/cnnvis/image?') : !entry(e)
+        e.localName === 'img' ? !e.src.includes('/data/plugin/cnnvis/image?') : !entry(e) && !chart(e)
     );
     return [...new Set([...odd, ...risky])].map((e) => e.outerHTML);
 }"""

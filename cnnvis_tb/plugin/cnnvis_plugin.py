@@ -16,6 +16,8 @@ Routes (under ``/data/plugin/cnnvis``; errors are JSON ``{"error": message}`` wi
 * ``/image?run=R&tag=T&step=S``: the image bytes (PNG as written by ``add_image``).
 * ``/text?run=R``: ``{"run", "texts": [{"tag", "step", "text"}]}``, the latest value of each
   ``cnnvis/summary/...`` text (the layer table, the kinds table; :mod:`cnnvis_tb.plugin.texts`).
+* ``/metrics``: ``{"runs", "series": [{"tag", "kind", "layer", "name", "runs": [{"run", "steps", "values"}]}]}``,
+  every ``cnnvis/metrics/...`` scalar of every run, for the trends view (:mod:`cnnvis_tb.plugin.metrics`).
 * ``/index.js`` and ``/static/*``: the tab's ES modules and stylesheet, from a fixed whitelist.
 
 Query arguments are checked by :mod:`cnnvis_tb.plugin.args` before anything is read.
@@ -33,7 +35,7 @@ from tensorboard.context import RequestContext
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from cnnvis_tb.plugin import args, index, metadata, texts
+from cnnvis_tb.plugin import args, index, metadata, metrics, texts
 from cnnvis_tb.plugin.images import ImageSeries
 
 __all__ = ["STATIC_FILES", "CnnVisPlugin"]
@@ -49,6 +51,7 @@ STATIC_FILES: dict[str, tuple[str, str]] = {
     "/static/lightbox.js": ("lightbox.js", "text/javascript"),
     "/static/messages.js": ("messages.js", "text/javascript"),
     "/static/state.js": ("state.js", "text/javascript"),
+    "/static/trends.js": ("trends.js", "text/javascript"),
     "/static/views.js": ("views.js", "text/javascript"),
     "/static/style.css": ("style.css", "text/css"),
 }
@@ -99,6 +102,7 @@ class CnnVisPlugin(base_plugin.TBPlugin):
             "/steps": self._serve_steps,
             "/image": self._serve_image,
             "/text": self._serve_text,
+            "/metrics": self._serve_metrics,
         }
         for route, (filename, content_type) in STATIC_FILES.items():
             apps[route] = _static_file_app(filename, content_type)
@@ -160,6 +164,12 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         ctx, experiment = args.request_scope(request)
         run = args.string_arg(request, "run")
         return http_util.Respond(request, texts.read_texts(self._data_provider, ctx, experiment, run), _JSON)
+
+    @wrappers.Request.application
+    @_json_errors
+    def _serve_metrics(self, request: wrappers.Request) -> wrappers.Response:
+        ctx, experiment = args.request_scope(request)
+        return http_util.Respond(request, metrics.read_metrics(self._data_provider, ctx, experiment), _JSON)
 
 
 def _static_file_app(filename: str, content_type: str) -> Callable:
