@@ -22,6 +22,8 @@ __all__ = [
     "denormalize",
     "to_uint8",
     "caption",
+    "captioned_strip",
+    "grid_boxes",
     "upscale",
     "fit",
 ]
@@ -313,3 +315,35 @@ def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -
     margin = image.new_ones((3, 2, width), dtype=torch.float32)
     rows = [_text_line(str(text), width, font_size).to(image.device) for text in lines]
     return torch.cat([image.float(), margin, *rows, margin], dim=1)
+
+
+def captioned_strip(
+    images: Sequence[torch.Tensor], lines: Sequence[Sequence[str]], keys: Sequence[str], *, padding: int = 2
+) -> tuple[torch.Tensor, list[dict]]:
+    """A strip of captioned panels side by side, and where each panel's picture lies in it.
+
+    Args:
+        images: ``[3, h, w]`` panels in ``[0, 1]``, all the same size.
+        lines: each panel's caption lines, burnt in below it (the same number of lines for every panel).
+        keys: each panel's name, the same at every logging step (``"input"``, ``"gradcam/true"``).
+
+    Returns:
+        The ``[3, H, W]`` strip (:func:`make_grid` of the captioned panels, ``padding`` apart) and one record per
+        panel, ``{"key", "box": [x, y, w, h], "text": [lines]}``: ``box`` is the picture without its caption band,
+        in the strip's pixels, so the tab can show one panel alone with its caption as text.
+    """
+    if not (len(images) == len(lines) == len(keys)) or not images:
+        raise ValueError(f"captioned_strip needs as many images, caption line lists and keys (got {len(images)}, "
+                         f"{len(lines)}, {len(keys)}), at least one")
+    h, w = images[0].shape[-2:]
+    strip = make_grid(torch.stack([caption(image, text) for image, text in zip(images, lines, strict=True)]),
+                      ncol=len(images), padding=padding)
+    records = [{"key": key, "box": [padding + i * (w + padding), padding, w, h], "text": [str(t) for t in text]}
+               for i, (key, text) in enumerate(zip(keys, lines, strict=True))]
+    return strip, records
+
+
+def grid_boxes(n: int, ncol: int, tile: tuple[int, int], padding: int = 1) -> list[list[int]]:
+    """``[x, y, w, h]`` of each of ``n`` tiles of size ``tile = (h, w)`` laid out by :func:`make_grid`."""
+    h, w = tile
+    return [[padding + (i % ncol) * (w + padding), padding + (i // ncol) * (h + padding), w, h] for i in range(n)]

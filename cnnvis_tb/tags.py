@@ -23,6 +23,7 @@ tab each kind's label and order; :func:`kinds_table` writes it and :func:`parse_
 
 from __future__ import annotations
 
+import json
 import re
 from typing import NamedTuple
 
@@ -191,3 +192,55 @@ def parse_tag(tag: str) -> TagParts | None:
     if not (kind == "summary" or is_kind_name(kind)) or not layer or not view:
         return None
     return TagParts(kind, layer, view)
+
+
+#: Suffix of the view of a panels record: ``cnnvis/summary/<layer>/<kind>.panels`` (see :func:`panels_tag`).
+PANELS_SUFFIX = ".panels"
+
+
+def panels_tag(kind: str, layer: str) -> str:
+    """Tag of the panel records of a kind's pictures of one layer, one text per logging step:
+    ``cnnvis/summary/<layer>/<kind>.panels`` (``add_text`` appends ``/text_summary``)."""
+    return _tag("summary", layer, check_kind_name(kind) + PANELS_SUFFIX)
+
+
+def panels_text(views: dict[str, list[dict]]) -> str:
+    """The text of a panels record: ``{view: [{"key", "box": [x, y, w, h], "text": [line]}]}`` as JSON in a
+    fenced block (the Text tab shows it as code)."""
+    return "```json\n" + json.dumps({"views": views}, ensure_ascii=False, separators=(",", ":")) + "\n```"
+
+
+def parse_panels_text(text: str) -> dict[str, list[dict]]:
+    """Inverse of :func:`panels_text`: ``{view: [record]}``; records that do not parse are dropped (``{}`` when
+    nothing does). A record keeps ``key`` (str), ``box`` (4 non-negative ints) and ``text`` (a list of str)."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        body = body.rsplit("```", 1)[0]
+    try:
+        views = json.loads(body).get("views", {})
+    except (ValueError, AttributeError):
+        return {}
+    out: dict[str, list[dict]] = {}
+    for view, records in views.items() if isinstance(views, dict) else ():
+        good = []
+        for r in records if isinstance(records, list) else ():
+            box, lines = (r.get("box"), r.get("text", [])) if isinstance(r, dict) else (None, None)
+            if (isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(box, list) and len(box) == 4
+                    and all(isinstance(v, int) and v >= 0 for v in box) and isinstance(lines, list)
+                    and all(isinstance(t, str) for t in lines)):
+                good.append({"key": r["key"], "box": box, "text": lines})
+        if good and isinstance(view, str):
+            out[view] = good
+    return out
+
+
+def parse_panels_tag(tag: str) -> tuple[str, str] | None:
+    """``(kind, layer)`` of a panels tag (with or without ``/text_summary``), else ``None``."""
+    if tag.endswith("/text_summary"):
+        tag = tag[: -len("/text_summary")]
+    parts = parse_tag(tag)
+    if parts is None or parts.kind != "summary" or not parts.view.endswith(PANELS_SUFFIX):
+        return None
+    kind = parts.view[: -len(PANELS_SUFFIX)]
+    return (kind, parts.layer) if is_kind_name(kind) else None

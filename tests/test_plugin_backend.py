@@ -436,16 +436,18 @@ def test_kind_labels_are_cut_and_blank_ones_fall_back_to_the_name():
 
 
 def test_an_explicit_samples_per_plugin_wins(logdir):
-    flags = tensorboard_flags(logdir, "--samples_per_plugin", "images=3,scalars=7")
-    assert flags.samples_per_plugin == {"images": 3, "scalars": 7}
+    flags = tensorboard_flags(logdir, "--samples_per_plugin", "images=3,scalars=7,text=2")
+    assert flags.samples_per_plugin == {"images": 3, "scalars": 7, "text": 2}
     limited = serve(logdir, "--samples_per_plugin", "images=3").client
     assert [len(r["steps"]) for r in get_json(limited, "steps", tag=KERNELS)["runs"]] == [3, 3]
 
 
-def test_loader_defaults_images_to_all_steps(logdir):
-    assert tensorboard_flags(logdir).samples_per_plugin == {"images": metadata.ALL_STEPS}
+def test_loader_defaults_images_and_texts_to_all_steps(logdir):
+    every = metadata.ALL_STEPS
+    assert tensorboard_flags(logdir).samples_per_plugin == {"images": every, "text": every}
     assert tensorboard_flags(logdir, fix=False).samples_per_plugin == {}
-    assert tensorboard_flags(logdir, "--samples_per_plugin", "images=0").samples_per_plugin == {"images": 0}
+    assert tensorboard_flags(logdir, "--samples_per_plugin", "images=0").samples_per_plugin == {"images": 0,
+                                                                                               "text": every}
 
 
 @pytest.mark.parametrize("run", ["run_a", "run_b"])

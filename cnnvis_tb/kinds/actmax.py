@@ -27,7 +27,7 @@ from torch import nn
 from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import as_rgb, caption, fit, make_grid, to_uint8
+from cnnvis_tb.render import as_rgb, caption, fit, grid_boxes, make_grid, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 _log = logging.getLogger("cnnvis_tb")
@@ -485,9 +485,14 @@ class ActMax(Kind):
     def _write(self, out: Output, per_layer: dict[str, torch.Tensor]) -> None:
         for layer, images in per_layer.items():
             channels = [c for name, c in self.targets if name == layer]
-            grid = make_grid(fit(as_rgb(images), 64, 96), ncol=min(8, len(channels)), padding=2)
+            tiles = fit(as_rgb(images), 64, 96)
+            ncol = min(8, len(channels))
+            grid = make_grid(tiles, ncol=ncol, padding=2)
             picture = caption(grid, [f"{layer} channels: " + ", ".join(map(str, channels))])
-            out.image(layer, "channels", to_uint8(picture))
+            boxes = grid_boxes(len(channels), ncol, tuple(tiles.shape[-2:]), padding=2)
+            panels = [{"key": f"channel_{c}", "box": box, "text": [f"channel {c}"]}
+                      for c, box in zip(channels, boxes, strict=True)]
+            out.image(layer, "channels", to_uint8(picture), panels)
 
     def _in_background(self, snapshot: nn.Module, step: int) -> None:
         try:

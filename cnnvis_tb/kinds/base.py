@@ -196,10 +196,16 @@ class Output:
         self.writer = writer
         self.step = step
         self._pictures = PictureWriter(writer)
+        self._panels: dict[str, dict[str, list[dict]]] = {}  # layer -> view -> panel records
 
-    def image(self, layer: str, view: str, picture: torch.Tensor) -> None:
+    def image(self, layer: str, view: str, picture: torch.Tensor, panels: list[dict] | None = None) -> None:
         """One picture ``[C, H, W]`` (uint8, or float in ``[0, 1]``; C is 1 or 3) under
-        ``cnnvis/<kind>/<layer>/<view>``."""
+        ``cnnvis/<kind>/<layer>/<view>``.
+
+        ``panels`` (from :func:`cnnvis_tb.render.captioned_strip`) says where the picture's panels lie and what
+        their captions say: written once per layer and step beside the pictures (:func:`cnnvis_tb.tags.panels_tag`),
+        so the CNN Vis tab shows a panel alone and its caption as text.
+        """
         if not isinstance(picture, torch.Tensor) or picture.dim() != 3 or picture.shape[0] not in (1, 3):
             shape = tuple(picture.shape) if isinstance(picture, torch.Tensor) else type(picture).__name__
             raise ValueError(f"a picture must be a tensor [C, H, W] with C = 1 or 3, got {shape}")
@@ -208,6 +214,8 @@ class Output:
         if picture.shape[0] == 1:
             picture = picture.expand(3, -1, -1)
         self._pictures.add(tags.image_tag(self.kind, layer, view), picture, self.step)
+        if panels:
+            self._panels.setdefault(layer, {})[view] = panels
 
     def scalar(self, layer: str, name: str, value: float) -> None:
         """One number under ``cnnvis/metrics/<kind>/<layer>/<name>`` (the Scalars tab and tbparse read it)."""
@@ -218,8 +226,12 @@ class Output:
         self.writer.add_text(tags.text_tag(layer, self.kind), text, self.step)
 
     def flush(self) -> None:
-        """Write the pictures added so far (the logger calls this when the kind's step ends)."""
+        """Write the pictures added so far, and their panel records (the logger calls this when the kind's step
+        ends)."""
         self._pictures.flush()
+        for layer, views in self._panels.items():
+            self.writer.add_text(tags.panels_tag(self.kind, layer), tags.panels_text(views), self.step)
+        self._panels.clear()
 
 
 class Kind:

@@ -12,7 +12,7 @@ from cnnvis_tb import tags
 from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import caption, colorize, fit, make_grids, to_uint8
+from cnnvis_tb.render import caption, colorize, fit, grid_boxes, make_grids, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels", "Features"]
@@ -68,6 +68,12 @@ def feature_panels(
 ) -> list[torch.Tensor]:
     """:func:`feature_panel` for a batch (``images [N, C, H, W]``, ``activations [N, K, h, w]``), rendered
     together: one top-k, one colormap lookup and one grid layout for all N pictures."""
+    return _feature_panels(images, activations, k, min_tile, max_tile)[0]
+
+
+def _feature_panels(images, activations, k, min_tile, max_tile) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The pictures of :func:`feature_panels` and each one's panel records (the input, then the channels by
+    rank: keys ``input``, ``top_1`` … with the channel number as text)."""
     indices, _ = top_channels(activations, k)  # [N, k]
     n, kept = indices.shape
     h, w = activations.shape[-2:]
@@ -81,11 +87,16 @@ def feature_panels(
     pictures = pictures.expand(-1, 3, -1, -1) if pictures.shape[1] == 1 else pictures[:, :3]
     pictures = F.interpolate(pictures, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
     cells = torch.cat([pictures[:, None], tiles.view(n, kept, 3, *size)], dim=1)  # [N, k + 1, 3, t, t']
-    grids = make_grids(cells, ncol=min(9, kept + 1), padding=2)
-    return [
-        caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)])
-        for grid, idx in zip(grids, indices.tolist(), strict=True)
-    ]
+    ncol = min(9, kept + 1)
+    grids = make_grids(cells, ncol=ncol, padding=2)
+    boxes = grid_boxes(kept + 1, ncol, tuple(size), padding=2)
+    pictures, records = [], []
+    for grid, idx in zip(grids, indices.tolist(), strict=True):
+        pictures.append(caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)]))
+        records.append([{"key": "input", "box": boxes[0], "text": ["input"]}] + [
+            {"key": f"top_{r + 1}", "box": boxes[r + 1], "text": [f"channel {c}", f"rank {r + 1}"]}
+            for r, c in enumerate(idx)])
+    return pictures, records
 
 
 class Features(Kind):
@@ -114,5 +125,6 @@ class Features(Kind):
                 raise ValueError(f"layer {layer!r} outputs {tuple(acts.shape)}, not a feature map [N, C, H, W]")
             if not torch.isfinite(acts).all():
                 ctx.warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
-            for i, panel in enumerate(feature_panels(ctx.shown, acts.float().cpu(), k=self.top_k)):
-                out.image(layer, tags.probe_view(i), to_uint8(panel))
+            pictures, records = _feature_panels(ctx.shown, acts.float().cpu(), self.top_k, 48, 48)
+            for i, (panel, panels) in enumerate(zip(pictures, records, strict=True)):
+                out.image(layer, tags.probe_view(i), to_uint8(panel), panels)

@@ -20,7 +20,7 @@ from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, po
 from cnnvis_tb.kinds.cam_methods import METHODS, CamInputs, Scorer, bias_layers, check_methods, linear_head
 from cnnvis_tb.kinds.cam_metrics import energy, entropy, pointing, regions, spearman
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
-from cnnvis_tb.render import as_rgb, caption, fit, make_grid, overlay_heatmap, to_uint8
+from cnnvis_tb.render import as_rgb, captioned_strip, fit, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam"]
@@ -390,19 +390,21 @@ class GradCam(Kind):
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
         for layer in dict.fromkeys(layer for layer, _, _ in computed.raw):
-            columns = []  # (overlays [N, 3, panel, panel], method label, target key), all images at once
+            columns = []  # (overlays [N, 3, panel, panel], method, method label, target key), all images at once
             for spec in self._specs:
                 for key in order:
                     maps = self._scaled((layer, spec.name, key), computed).cpu()
-                    columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.label, key))
+                    columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.name, spec.label, key))
             for i in range(shown.shape[0]):
                 true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
-                panels = [caption(inputs[i], ["input", true])]
-                for overlays, label, key in columns:
+                images, lines, keys = [inputs[i]], [["input", true]], ["input"]
+                for overlays, method, label, key in columns:
                     cls = int(targets[key][i])
-                    panels.append(caption(overlays[i], [label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"]))
-                strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-                out.image(layer, tags.probe_view(i), to_uint8(strip))
+                    images.append(overlays[i])
+                    lines.append([label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"])
+                    keys.append(f"{method}/{key}")
+                strip, panels = captioned_strip(images, lines, keys)
+                out.image(layer, tags.probe_view(i), to_uint8(strip), panels)
             if self.metrics:
                 self._log_metrics(ctx, out, layer, order, computed, size)
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones

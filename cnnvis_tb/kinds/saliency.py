@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from cnnvis_tb import tags
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
 from cnnvis_tb.kinds.gradcam import PANEL, cam, normalize_maps, resolve_targets
 from cnnvis_tb.layers import default_cam_layer, select_output, trace_layers, unwrap_model
-from cnnvis_tb.render import as_rgb, caption, colorize, fit, make_grid, to_uint8
+from cnnvis_tb.render import as_rgb, captioned_strip, colorize, fit, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = ["saliency", "saliency_from_gradients", "guided_gradcam", "check_saliency_methods", "Saliency",
@@ -347,12 +348,13 @@ class Saliency(Kind):
         key = self._target(ctx)
         targets = ctx.shared.targets[key].cpu()
         shown = ctx.shown
-        columns = [(fit(colorize(computed[m].cpu(), "inferno"), PANEL, PANEL),
-                    _METHOD_LABELS[m]) for m in computed]
+        columns = [(fit(colorize(computed[m].cpu(), "inferno"), PANEL, PANEL), m, _METHOD_LABELS[m])
+                   for m in computed]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
         for i in range(shown.shape[0]):
             target = f"{key}: {ctx.info.class_label(int(targets[i]))}"
-            panels = [caption(inputs[i], ["input", target])]
-            panels += [caption(maps[i], [label, target]) for maps, label in columns]
-            strip = make_grid(torch.stack(panels), ncol=len(panels), padding=2)
-            out.image("input", f"probe_{i:03d}", to_uint8(strip))
+            images = [inputs[i]] + [maps[i] for maps, _, _ in columns]
+            lines = [["input", target]] + [[label, target] for _, _, label in columns]
+            keys = ["input"] + [method for _, method, _ in columns]
+            strip, panels = captioned_strip(images, lines, keys)
+            out.image("input", tags.probe_view(i), to_uint8(strip), panels)

@@ -16,6 +16,8 @@ Routes (under ``/data/plugin/cnnvis``; errors are JSON ``{"error": message}`` wi
 * ``/image?run=R&tag=T&step=S``: the image bytes (PNG as written by ``add_image``).
 * ``/text?run=R``: ``{"run", "texts": [{"tag", "step", "text"}]}``, the latest value of each
   ``cnnvis/summary/...`` text (the layer table, the kinds table; :mod:`cnnvis_tb.plugin.texts`).
+* ``/panels?run=R&tag=T``: ``{"run", "tag", "steps": {step: [{"key", "box": [x, y, w, h], "text": [line]}]}}``,
+  where each panel of image ``T`` lies and its caption as text, per step (:func:`cnnvis_tb.plugin.texts.read_panels`).
 * ``/metrics``: ``{"runs", "series": [{"tag", "kind", "layer", "name", "runs": [{"run", "steps", "values"}]}]}``,
   every ``cnnvis/metrics/...`` scalar of every run, for the trends view (:mod:`cnnvis_tb.plugin.metrics`).
 * ``/index.js`` and ``/static/*``: the tab's ES modules and stylesheet, from a fixed whitelist.
@@ -103,6 +105,7 @@ class CnnVisPlugin(base_plugin.TBPlugin):
             "/image": self._serve_image,
             "/text": self._serve_text,
             "/metrics": self._serve_metrics,
+            "/panels": self._serve_panels,
         }
         for route, (filename, content_type) in STATIC_FILES.items():
             apps[route] = _static_file_app(filename, content_type)
@@ -164,6 +167,15 @@ class CnnVisPlugin(base_plugin.TBPlugin):
         ctx, experiment = args.request_scope(request)
         run = args.string_arg(request, "run")
         return http_util.Respond(request, texts.read_texts(self._data_provider, ctx, experiment, run), _JSON)
+
+    @wrappers.Request.application
+    @_json_errors
+    def _serve_panels(self, request: wrappers.Request) -> wrappers.Response:
+        ctx, experiment = args.request_scope(request)
+        run = args.string_arg(request, "run")
+        tag = args.image_tag_arg(request)
+        answer = texts.read_panels(self._data_provider, ctx, experiment, run, tag)
+        return http_util.Respond(request, answer, _JSON)
 
     @wrappers.Request.application
     @_json_errors

@@ -17,7 +17,7 @@ class CnnVisLoader(base_plugin.TBLoader):
     """Makes TensorBoard keep every logged image step, then builds :class:`CnnVisPlugin`."""
 
     def fix_flags(self, flags: argparse.Namespace) -> None:
-        """Default ``--samples_per_plugin images=`` to "all steps" unless the user set it.
+        """Default ``--samples_per_plugin images=`` (and ``text=``) to "all steps" unless the user set it.
 
         ``flags.samples_per_plugin`` is the dict parsed from ``--samples_per_plugin`` (``{}`` when
         the flag is absent). TensorBoard hands it to the Rust data server as
@@ -28,6 +28,8 @@ class CnnVisLoader(base_plugin.TBLoader):
         samples = getattr(flags, "samples_per_plugin", None)
         if isinstance(samples, dict):
             samples.setdefault(metadata.IMAGES_PLUGIN_NAME, metadata.ALL_STEPS)
+            # The panel records beside the images are texts, one per logging step: keep them all too.
+            samples.setdefault(metadata.TEXT_PLUGIN_NAME, metadata.ALL_STEPS)
 
     def load(self, context: base_plugin.TBContext) -> base_plugin.TBPlugin:
         """Returns the plugin bound to TensorBoard's data provider."""
