@@ -318,7 +318,12 @@ def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -
 
 
 def captioned_strip(
-    images: Sequence[torch.Tensor], lines: Sequence[Sequence[str]], keys: Sequence[str], *, padding: int = 2
+    images: Sequence[torch.Tensor],
+    lines: Sequence[Sequence[str]],
+    keys: Sequence[str],
+    labels: Sequence[str] | None = None,
+    *,
+    padding: int = 2,
 ) -> tuple[torch.Tensor, list[dict]]:
     """A strip of captioned panels side by side, and where each panel's picture lies in it.
 
@@ -326,10 +331,11 @@ def captioned_strip(
         images: ``[3, h, w]`` panels in ``[0, 1]``, all the same size.
         lines: each panel's caption lines, burnt in below it (the same number of lines for every panel).
         keys: each panel's name, the same at every logging step (``"input"``, ``"gradcam/true"``).
+        labels: what the tab calls each panel in its list (default: the key), e.g. ``"Grad-CAM · true"``.
 
     Returns:
         The ``[3, H, W]`` strip (:func:`make_grid` of the captioned panels, ``padding`` apart) and one record per
-        panel, ``{"key", "box": [x, y, w, h], "text": [lines]}``: ``box`` is the picture without its caption band,
+        panel, ``{"key", "label", "box": [x, y, w, h], "text": [lines]}``: ``box`` is the picture without its caption band,
         in the strip's pixels, so the tab can show one panel alone with its caption as text.
     """
     if not (len(images) == len(lines) == len(keys)) or not images:
@@ -338,8 +344,10 @@ def captioned_strip(
     h, w = images[0].shape[-2:]
     strip = make_grid(torch.stack([caption(image, text) for image, text in zip(images, lines, strict=True)]),
                       ncol=len(images), padding=padding)
-    records = [{"key": key, "box": [padding + i * (w + padding), padding, w, h], "text": [str(t) for t in text]}
-               for i, (key, text) in enumerate(zip(keys, lines, strict=True))]
+    labels = list(keys) if labels is None else list(labels)
+    records = [{"key": key, "label": label, "box": [padding + i * (w + padding), padding, w, h],
+                "text": [str(t) for t in text]}
+               for i, (key, label, text) in enumerate(zip(keys, labels, lines, strict=True))]
     return strip, records
 
 

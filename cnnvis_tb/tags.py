@@ -205,14 +205,15 @@ def panels_tag(kind: str, layer: str) -> str:
 
 
 def panels_text(views: dict[str, list[dict]]) -> str:
-    """The text of a panels record: ``{view: [{"key", "box": [x, y, w, h], "text": [line]}]}`` as JSON in a
+    """The text of a panels record: ``{view: [{"key", "label", "box": [x, y, w, h], "text": [line]}]}`` as JSON in a
     fenced block (the Text tab shows it as code)."""
     return "```json\n" + json.dumps({"views": views}, ensure_ascii=False, separators=(",", ":")) + "\n```"
 
 
 def parse_panels_text(text: str) -> dict[str, list[dict]]:
     """Inverse of :func:`panels_text`: ``{view: [record]}``; records that do not parse are dropped (``{}`` when
-    nothing does). A record keeps ``key`` (str), ``box`` (4 non-negative ints) and ``text`` (a list of str)."""
+    nothing does). A record keeps ``key`` (str), ``label`` (str, default the key), ``box`` (4 non-negative ints)
+    and ``text`` (a list of str)."""
     body = text.strip()
     if body.startswith("```"):
         body = body.split("\n", 1)[1] if "\n" in body else ""
@@ -229,7 +230,9 @@ def parse_panels_text(text: str) -> dict[str, list[dict]]:
             if (isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(box, list) and len(box) == 4
                     and all(isinstance(v, int) and v >= 0 for v in box) and isinstance(lines, list)
                     and all(isinstance(t, str) for t in lines)):
-                good.append({"key": r["key"], "box": box, "text": lines})
+                label = r.get("label")
+                good.append({"key": r["key"], "label": label if isinstance(label, str) else r["key"], "box": box,
+                             "text": lines})
         if good and isinstance(view, str):
             out[view] = good
     return out

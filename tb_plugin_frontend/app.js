@@ -9,7 +9,7 @@ import {Lightbox} from "./lightbox.js";
 import {emptyView, errorView, loadingView} from "./messages.js";
 import {readState, saveState} from "./state.js";
 import {Trends} from "./trends.js";
-import {Filmstrip, LazyImages, StepGrid, textSummary} from "./views.js";
+import {Filmstrip, LazyImages, StepGrid, panelCaption, textSummary, thumb} from "./views.js";
 
 /** TensorBoard's categorical run colours, in the order runs are listed. */
 const RUN_COLORS = ["#ff7043", "#0077bb", "#cc3311", "#33bbee", "#ee3377", "#009988", "#bbbbbb"];
@@ -19,6 +19,11 @@ const REFRESH_MS = 30_000;
 const MAX_RATIO = 8;
 /** Lowest cell height, so that a run's name still fits beside its row. */
 const MIN_CELL_HEIGHT = 24;
+/** Height of one caption line under a panel shown alone, and the room around the lines. */
+const CAPTION_LINE = 15;
+const CAPTION_PAD = 4;
+/** Longest side of a panel in the side-by-side card. */
+const COMPARE_SIZE = 200;
 
 /** Index of the value of `sorted` nearest to `value`. */
 function nearestIndex(sorted, value) {
@@ -56,6 +61,9 @@ export class App {
     this.stepsRequest = 0;
     this.layerTables = new Map();
     this.imageRatio = 1;
+    this.pictureRatio = 1; // of the whole pictures of the current tag
+    this.panels = new Map(); // run -> step -> panel records of the current tag (/panels)
+    this.compare = null;
     this.controls = null;
     this.metrics = null; // the /metrics answer
     this.metricsJson = "";
@@ -161,6 +169,7 @@ export class App {
         toggleRun: (run, shown) => this.toggleRun(run, shown),
         showRuns: (shown) => this.showRuns(shown),
         reload: () => this.reload({initial: false}),
+        panel: (panel) => this.selectPanel(panel),
       },
     });
     this.root.replaceChildren(this.controls.element, this.main);
@@ -189,11 +198,69 @@ export class App {
   /** "<kind label> · <layer> · <view>": what the current selection shows, the kind named by its label. */
   title() {
     const {kind, layer, view} = this.current;
-    return `${kind.label} · ${layer.layer} · ${viewLabel(view)}`;
+    const key = this.panelKey();
+    const panel = key ? ` · ${this.panelOptions().find(([k]) => k === key)[1]}` : "";
+    return `${kind.label} · ${layer.layer} · ${viewLabel(view)}${panel}`;
   }
 
   describe(step) {
     return `${this.title()} · step ${step}`;
+  }
+
+  /** Fetches the panel records of `tag` for `runs`; a run whose records cannot be read shows whole pictures. */
+  async loadPanels(tag, runs) {
+    const answers = await Promise.all(runs.map((run) => getJson("panels", {run, tag}).catch(() => null)));
+    const panels = new Map();
+    answers.forEach((answer, i) => {
+      if (answer && Object.keys(answer.steps).length) {
+        panels.set(runs[i], new Map(Object.entries(answer.steps).map(([step, records]) => [Number(step), records])));
+      }
+    });
+    if (answers.some((answer) => answer === null)) this.setStatus("Could not read the captions of some runs");
+    return panels;
+  }
+
+  /** [key, label] of every panel the current pictures have, in the order they come. */
+  panelOptions() {
+    const seen = new Map();
+    for (const steps of this.panels.values()) {
+      for (const records of steps.values()) for (const r of records) if (!seen.has(r.key)) seen.set(r.key, r.label);
+    }
+    return [...seen];
+  }
+
+  /** The key of the panel shown alone, or null for whole pictures (also when the pictures have no such panel). */
+  panelKey() {
+    const key = this.state.panel;
+    return key && this.panelOptions().some(([k]) => k === key) ? key : null;
+  }
+
+  /** The record of the chosen panel in `run`'s picture at `step`, or null. */
+  panelOf(run, step, key = this.panelKey()) {
+    if (!key) return null;
+    return this.panels.get(run)?.get(step)?.find((r) => r.key === key) ?? null;
+  }
+
+  /** Cell ratio and caption room for the chosen panel (or the whole pictures). */
+  applyPanelShape() {
+    const key = this.panelKey();
+    const records = key ? [...this.panels.values()].flatMap((steps) => [...steps.values()].flat()).filter((r) => r.key === key) : [];
+    if (records.length) {
+      const [, , w, h] = records[0].box;
+      this.imageRatio = w && h ? w / h : 1;
+      const lines = Math.max(...records.map((r) => r.text.length));
+      this.captionHeight = lines ? lines * CAPTION_LINE + CAPTION_PAD : 0;
+    } else {
+      this.imageRatio = this.pictureRatio;
+      this.captionHeight = 0;
+    }
+    document.documentElement.style.setProperty("--cv-cap", `${this.captionHeight}px`);
+  }
+
+  selectPanel(panel) {
+    this.state.panel = panel;
+    saveState(this.state);
+    this.renderViews();
   }
 
   select(change) {
@@ -262,14 +329,19 @@ export class App {
     }
     const json = JSON.stringify(answer);
     if (request !== this.stepsRequest || (refresh && json === this.stepsJson)) return;
+    const panels = await this.loadPanels(tag, answer.runs.map(({run}) => run));
+    if (request !== this.stepsRequest) return;
     this.stepsJson = json;
     this.stepsByRun = new Map(answer.runs.map(({run, steps}) => [run, steps]));
-    this.imageRatio = answer.width && answer.height ? answer.width / answer.height : 1;
+    this.pictureRatio = answer.width && answer.height ? answer.width / answer.height : 1;
+    this.panels = panels;
     this.renderViews();
   }
 
   renderViews() {
     this.main.classList.remove("cv-busy");
+    this.controls.setPanels(this.panelOptions(), this.panelKey());
+    this.applyPanelShape();
     const runs = this.index.runs.filter((run) => this.stepsByRun.has(run) && !this.state.hidden.has(run));
     this.lazy.reset();
     this.columns = [...new Set(runs.flatMap((run) => this.stepsByRun.get(run)))].sort((a, b) => a - b);
@@ -294,9 +366,19 @@ export class App {
       describe,
       onOpen,
       onPickStep: (column) => this.setStepIndex(column),
+      panelOf: (run, step) => this.panelOf(run, step),
     });
     const filmRun = runs.includes(this.state.film) ? this.state.film : runs[0];
-    this.film = new Filmstrip({tag, run: filmRun, steps: this.stepsByRun.get(filmRun), lazy: this.lazy, describe, onOpen});
+    this.film = new Filmstrip({
+      tag,
+      run: filmRun,
+      steps: this.stepsByRun.get(filmRun),
+      lazy: this.lazy,
+      describe,
+      onOpen,
+      panelOf: (run, step) => this.panelOf(run, step),
+    });
+    this.compare = this.panels.size ? this.compareCard(tag, filmRun) : null;
     const missing = this.index.runs.filter((run) => !this.stepsByRun.has(run) && !this.state.hidden.has(run));
     this.main.replaceChildren(
       el("section", {className: "cv-card"}, [
@@ -317,6 +399,7 @@ export class App {
         el("p", {className: "cv-card-subtitle", text: `Every logged step of ${filmRun}`}),
         this.film.element,
       ]),
+      this.compare?.element,
       this.layerTableCard(runs[0]),
     );
     this.renderTrends();
@@ -324,6 +407,53 @@ export class App {
     this.controls.syncSteps(this.columns);
     const wanted = this.state.step ?? this.columns[this.columns.length - 1];
     this.setStepIndex(nearestIndex(this.columns, wanted), {scroll: true, save: false});
+  }
+
+  /**
+   * The side-by-side card: every panel of one run's picture at the current step, each alone and large, with its
+   * caption as text (one probe image, one step, every logged method or channel). Follows the filmstrip's run.
+   */
+  compareCard(tag, run) {
+    const body = el("div", {className: "cv-compare"});
+    const subtitle = el("p", {className: "cv-card-subtitle"});
+    // Folded until opened (its open state is kept in the URL): its large images load only when wanted.
+    const element = el("details", {className: "cv-card cv-compare-card", props: {open: this.state.compare === "open"}}, [
+      el("summary", {className: "cv-card-title", text: "Panels side by side"}),
+      subtitle,
+      body,
+    ]);
+    let shownStep = null;
+    element.addEventListener("toggle", () => {
+      this.state.compare = element.open ? "open" : null;
+      saveState(this.state);
+      if (element.open && shownStep !== null) setStep(shownStep);
+    });
+    const setStep = (step) => {
+      shownStep = step;
+      if (!element.open) return;
+      const records = this.panels.get(run)?.get(step) ?? [];
+      subtitle.textContent = records.length
+        ? `${run} · ${this.title()} · step ${step} · every panel of the picture, with its caption`
+        : `${run} logged no captioned picture at step ${step}`;
+      body.replaceChildren(
+        ...records.map((panel) => {
+          const [, , w, h] = panel.box;
+          const scale = COMPARE_SIZE / Math.max(w, h, 1);
+          const slot = thumb(this.lazy, {run, tag, step, label: `${run}, ${this.describe(step)}`, panel});
+          const figure = el("figure", {className: "cv-compare-panel", attrs: {"data-panel": panel.key}}, [
+            slot,
+            el("figcaption", {className: "cv-compare-label", text: panel.label}),
+            // the label already says what the first line says (a method label over its own name)
+            panelCaption({...panel, text: panel.text.filter((line, i) => i > 0 || !panel.label.startsWith(line))}),
+          ]);
+          figure.style.setProperty("--cv-w", `${Math.round(w * scale)}px`);
+          figure.style.setProperty("--cv-h", `${Math.round(h * scale)}px`);
+          slot.addEventListener("click", () => this.openLightbox(run, step));
+          return figure;
+        }),
+      );
+    };
+    return {element, setStep};
   }
 
   selectFilmRun(run) {
@@ -342,6 +472,7 @@ export class App {
     this.controls.showStep(this.stepIndex, this.columns);
     this.grid?.setStep(this.stepIndex, {scroll});
     this.film?.setStep(step);
+    this.compare?.setStep(step);
     this.trends.mark(step);
     if (save) saveState(this.state);
   }
@@ -359,7 +490,11 @@ export class App {
   openLightbox(run, step) {
     const tag = this.current.view.tag;
     const steps = this.stepsByRun.get(run) ?? [];
-    const items = steps.map((s) => ({src: imageUrl(run, tag, s), run, color: this.colorOf(run), details: this.describe(s)}));
+    const details = (s) => {
+      const panel = this.panelOf(run, s);
+      return panel ? `${this.describe(s)} · ${panel.label}: ${panel.text.join(" · ")}` : this.describe(s);
+    };
+    const items = steps.map((s) => ({src: imageUrl(run, tag, s), run, color: this.colorOf(run), details: details(s)}));
     this.lightbox.open(items, Math.max(0, steps.indexOf(step)));
   }
 

@@ -26,7 +26,7 @@ export class Controls {
    *          colorOf: function(string): string,
    *          on: {select: function(Object), size: function(number), step: function(number),
    *               stepBy: function(number), pickStep: function(string), toggleRun: function(string, boolean),
-   *               showRuns: function(boolean), reload: function()}}} options
+   *               showRuns: function(boolean), reload: function(), panel: function(?string)}}} options
    *   `kinds` as /index lists them (their labels come from the data), `state` the app's selection.
    */
   constructor({kinds, runs, state, colorOf, on}) {
@@ -42,6 +42,9 @@ export class Controls {
     );
     this.layerSelect = select([], "", (layer) => on.select({layer}), "Layer");
     this.viewSelect = select([], "", (view) => on.select({view}), "Image");
+    this.panelSelect = select([], "", (panel) => on.panel(panel || null), "Panel");
+    this.panelField = field("Panel", this.panelSelect);
+    this.panelField.hidden = true;
     this.sizeInput = el("input", {
       props: {type: "range", min: SIZE.min, max: SIZE.max, step: SIZE.step, value: state.size},
       attrs: {"aria-label": "Image size"},
@@ -80,6 +83,7 @@ export class Controls {
         ]),
         field("Layer", this.layerSelect),
         field("Image", this.viewSelect),
+        this.panelField,
         field("Size", this.sizeInput, "cv-size"),
         el("span", {className: "cv-spacer"}),
         this.status,
@@ -113,6 +117,15 @@ export class Controls {
       chip.classList.toggle("cv-no-data", !withData.has(run));
       chip.title = withData.has(run) ? run : `${run} logged no image for this selection`;
     }
+  }
+
+  /**
+   * Lists the panels of the current pictures ([key, label] pairs, "" first for the whole picture) and selects
+   * `value`; hidden when the pictures have no panel records.
+   */
+  setPanels(options, value) {
+    this.panelField.hidden = options.length === 0;
+    replaceOptions(this.panelSelect, [["", "whole picture"], ...options], value ?? "");
   }
 
   /** Ticks (or unticks) every run chip. */

@@ -5,7 +5,7 @@
 //    &p.cnnvis.size=128&p.cnnvis.film=runA&p.cnnvis.metrics=health/probe&p.cnnvis.hide=runB#cnnvis
 
 const PREFIX = "p.cnnvis.";
-const SINGLE_KEYS = ["kind", "layer", "view", "step", "size", "film", "metrics"];
+const SINGLE_KEYS = ["kind", "layer", "view", "step", "size", "film", "metrics", "panel", "compare"];
 
 export const SIZE = {min: 48, max: 480, step: 8, initial: 160};
 /** Sliders fire many events and browsers throttle history updates: write once they pause. */
@@ -40,7 +40,7 @@ function parseSize(text) {
 /**
  * Reads the selection from the URL. Values are only hints: the app checks them against the data.
  * @returns {{kind: ?string, layer: ?string, view: ?string, step: ?number, size: number,
- *            film: ?string, metrics: ?string, hidden: Set<string>}}
+ *            film: ?string, metrics: ?string, panel: ?string, compare: ?string, hidden: Set<string>}}
  */
 export function readState() {
   const params = new URL(hostWindow().location.href).searchParams;
@@ -53,6 +53,8 @@ export function readState() {
     size: parseSize(get("size")),
     film: get("film"),
     metrics: get("metrics"),
+    panel: get("panel"),
+    compare: get("compare"),
     hidden: new Set(params.getAll(PREFIX + "hide")),
   };
 }

@@ -52,6 +52,13 @@ function loadInto(slot, src, alt) {
   slot.classList.add("cv-loading");
   image.addEventListener("load", () => {
     slot.classList.remove("cv-loading");
+    if (slot.dataset.crop) {
+      // One panel of the picture: the image is scaled so the panel's box fills the slot (see style.css).
+      const [x, y, w, h] = slot.dataset.crop.split(",").map(Number);
+      const vars = {"--crop-x": x, "--crop-y": y, "--crop-w": w, "--crop-h": h, "--img-w": image.naturalWidth, "--img-h": image.naturalHeight};
+      for (const [name, value] of Object.entries(vars)) slot.style.setProperty(name, String(value));
+      slot.classList.add("cv-cropped");
+    }
     image.classList.toggle(
       "cv-pixelated",
       image.naturalWidth <= PIXELATED_MAX && image.naturalHeight <= PIXELATED_MAX,
@@ -66,14 +73,27 @@ function loadInto(slot, src, alt) {
   slot.append(image);
 }
 
-/** A clickable image slot (see `onThumbClick`); the image itself arrives through `lazy`. */
-function thumb(lazy, {run, tag, step, label}) {
+/**
+ * A clickable image slot (see `onThumbClick`); the image itself arrives through `lazy`. With `panel` (a record
+ * of /panels: key, label, box, text) the slot shows that panel of the picture alone.
+ */
+export function thumb(lazy, {run, tag, step, label, panel = null}) {
+  const title = panel ? `${label} · ${panel.label}: ${panel.text.join(" · ")}` : label;
   const slot = el("button", {
     className: "cv-thumb",
-    attrs: {type: "button", title: `${label} (click to enlarge)`, "data-run": run, "data-step": step},
+    attrs: {type: "button", title: `${title} (click to enlarge)`, "data-run": run, "data-step": step},
   });
-  lazy.add(slot, imageUrl(run, tag, step), label);
+  if (panel) {
+    slot.dataset.crop = panel.box.join(",");
+    slot.dataset.panel = panel.key;
+  }
+  lazy.add(slot, imageUrl(run, tag, step), panel ? `${label} · ${panel.label}` : label);
   return slot;
+}
+
+/** A panel's caption lines as text, under its picture. */
+export function panelCaption(panel) {
+  return el("div", {className: "cv-caption"}, panel.text.map((line) => el("div", {className: "cv-caption-line", text: line})));
 }
 
 /** One listener for all the slots inside `container`: calls `onOpen(run, step)` for the clicked one. */
@@ -123,8 +143,8 @@ export class StepGrid {
    *          colorOf: function(string): string, lazy: LazyImages, describe: function(number): string,
    *          onOpen: function(string, number), onPickStep: function(number)}} options
    */
-  constructor({tag, runs, columns, stepsByRun, colorOf, lazy, describe, onOpen, onPickStep}) {
-    Object.assign(this, {tag, runs, columns, lazy, describe});
+  constructor({tag, runs, columns, stepsByRun, colorOf, lazy, describe, onOpen, onPickStep, panelOf = () => null}) {
+    Object.assign(this, {tag, runs, columns, lazy, describe, panelOf});
     this.logged = runs.map((run) => new Set(stepsByRun.get(run)));
     this.rendered = new Map(); // column -> its elements
     this.current = -1;
@@ -305,8 +325,12 @@ export class StepGrid {
     );
     const nodes = [header];
     this.runs.forEach((run, row) => {
+      const panel = this.panelOf(run, step);
       const cell = this.logged[row].has(step)
-        ? el("div", {className: "cv-cell"}, [thumb(this.lazy, {run, tag: this.tag, step, label: `${run}, ${this.describe(step)}`})])
+        ? el("div", {className: "cv-cell"}, [
+            thumb(this.lazy, {run, tag: this.tag, step, label: `${run}, ${this.describe(step)}`, panel}),
+            panel ? panelCaption(panel) : null,
+          ])
         : el("div", {className: "cv-cell cv-missing", text: "–", attrs: {title: `${run} logged no image at step ${step}`}});
       cell.style.setProperty("--cv-row", String(row));
       cell.dataset.column = String(column);
@@ -327,15 +351,17 @@ export class Filmstrip {
    * @param {{tag: string, run: string, steps: number[], lazy: LazyImages,
    *          describe: function(number): string, onOpen: function(string, number)}} options
    */
-  constructor({tag, run, steps, lazy, describe, onOpen}) {
+  constructor({tag, run, steps, lazy, describe, onOpen, panelOf = () => null}) {
     this.frames = new Map();
     this.current = null;
     this.element = el(
       "ol",
       {className: "cv-film", attrs: {"aria-label": `Filmstrip of ${run}`}},
       steps.map((step) => {
+        const panel = panelOf(run, step);
         const frame = el("li", {className: "cv-frame"}, [
-          thumb(lazy, {run, tag, step, label: `${run}, ${describe(step)}`}),
+          thumb(lazy, {run, tag, step, label: `${run}, ${describe(step)}`, panel}),
+          panel ? panelCaption(panel) : null,
           el("span", {className: "cv-frame-step", text: step}),
         ]);
         this.frames.set(step, frame);

@@ -49,6 +49,8 @@ def test_gradcam_panels_say_where_each_map_lies_and_what_its_caption_says(logged
         panels = views[tags.probe_view(i)]
         assert [p["key"] for p in panels] == ["input", "gradcam/true", "gradcam/pred", "gradcam++/true",
                                               "gradcam++/pred"]
+        assert [p["label"] for p in panels] == ["input", "Grad-CAM · true", "Grad-CAM · pred", "Grad-CAM++ · true",
+                                                "Grad-CAM++ · pred"]
         assert panels[0]["text"] == ["input", f"true: {'abcd'[labels[i]]}"]
         for p, (method, key, cls) in zip(panels[1:], [
             ("Grad-CAM", "true", labels[i]), ("Grad-CAM", "pred", pred[i]),
@@ -112,9 +114,11 @@ def test_panels_route_serves_them_per_step_and_the_text_route_leaves_them_out(lo
 
 
 def test_parse_panels_text_drops_what_does_not_parse():
-    good = {"key": "input", "box": [2, 2, 8, 8], "text": ["input"]}
+    good = {"key": "input", "label": "input", "box": [2, 2, 8, 8], "text": ["input"]}
     text = tags.panels_text({"probe_000": [good, {"key": 3, "box": [1, 2, 3, 4]}, {"key": "x", "box": [1, -2, 3, 4]},
                                            {"key": "y", "box": [1, 2, 3], "text": []}], "probe_001": "no list"})
     assert tags.parse_panels_text(text) == {"probe_000": [good]}
+    unlabelled = tags.panels_text({"probe_000": [{"key": "k", "box": [0, 0, 1, 1], "text": []}]})
+    assert tags.parse_panels_text(unlabelled)["probe_000"][0]["label"] == "k"
     assert tags.parse_panels_text("not json") == {}
     assert tags.parse_panels_text("```json\n[1, 2]\n```") == {}

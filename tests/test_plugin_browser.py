@@ -768,3 +768,62 @@ def test_trends_say_when_no_metric_was_logged(open_tab, custom_server):
     note = tab.frame.locator(".cv-trends-card .cv-empty")
     note.wait_for(timeout=30_000)
     assert "No metrics logged yet" in note.text_content()
+
+
+#: Per grid cell: run, step, panel key, caption text, and where the image lies in its slot (CSS pixels).
+CROPPED_CELLS = """() => [...document.querySelectorAll('.cv-grid .cv-cell')].filter((c) => c.querySelector('img')).map((cell) => {
+    const slot = cell.querySelector('.cv-thumb');
+    const image = slot.querySelector('img');
+    const [s, i] = [slot.getBoundingClientRect(), image.getBoundingClientRect()];
+    return {run: slot.dataset.run, step: Number(slot.dataset.step), panel: slot.dataset.panel ?? null,
+            cropped: slot.classList.contains('cv-cropped'), width: slot.clientWidth, natural: image.naturalWidth,
+            left: i.left - s.left - slot.clientLeft, imageWidth: i.width,
+            caption: [...cell.querySelectorAll('.cv-caption-line')].map((l) => l.textContent)};
+})"""
+
+
+def test_a_panel_alone_with_its_caption_as_text_and_every_panel_side_by_side(open_tab, demo_logdir, demo_runs):
+    from _models import read_events, texts
+
+    tab = open_tab(f"?p.cnnvis.kind=gradcam&p.cnnvis.hide={urllib.parse.quote(HOSTILE_RUN)}")
+    frame = tab.frame
+    panel = frame.locator("select[aria-label='Panel']")
+    options = panel.locator("option").evaluate_all("os => os.map(o => [o.value, o.textContent])")
+    assert options == [["", "whole picture"], ["input", "input"], ["gradcam/true", "Grad-CAM · true"],
+                       ["gradcam/pred", "Grad-CAM · pred"], ["gradcam++/true", "Grad-CAM++ · true"],
+                       ["gradcam++/pred", "Grad-CAM++ · pred"]]
+    written = {}  # (run, step) -> the records the logger wrote for probe image 0
+    for run in demo_runs:
+        for step, text in texts(read_events(demo_logdir / run), tags.panels_tag("gradcam", "features") + "/text_summary"):
+            written[(run, step)] = tags.parse_panels_text(text)[tags.probe_view(0)]
+    panel.select_option("gradcam/pred")
+    tab.wait_for_url_part("p.cnnvis.panel=gradcam%2Fpred")
+    frame.wait_for_function(f"() => {{ const c = ({CROPPED_CELLS})(); return c.length > 0 && c.every((x) => x.cropped); }}")
+    cells = frame.evaluate(CROPPED_CELLS)
+    assert {c["run"] for c in cells} == set(demo_runs)
+    for cell in cells:
+        record = next(r for r in written[(cell["run"], cell["step"])] if r["key"] == "gradcam/pred")
+        assert cell["panel"] == "gradcam/pred"
+        assert cell["caption"] == record["text"] and record["text"][1].startswith("pred: ")
+        x, _, w, _ = record["box"]
+        scale = cell["width"] / w  # the panel's box fills the slot: the image starts x * scale to its left
+        assert abs(cell["left"] + x * scale) < 1.5, (cell, record)
+        assert abs(cell["imageWidth"] - cell["natural"] * scale) < 1.5
+    # Every panel of the first run's picture at the current step, side by side, labelled and captioned as text.
+    assert frame.locator(".cv-compare-panel").count() == 0  # folded: nothing loaded until opened
+    frame.locator(".cv-compare-card > summary").click()
+    tab.wait_for_url_part("p.cnnvis.compare=open")
+    step = int(frame.locator("input[aria-label='Exact step']").input_value())
+    compare = frame.locator(".cv-compare-panel")
+    assert compare.evaluate_all("fs => fs.map(f => f.dataset.panel)") == [r["key"] for r in written[(demo_runs[0], step)]]
+    assert frame.locator(".cv-compare-label").all_text_contents() == [r["label"] for r in written[(demo_runs[0], step)]]
+    assert set(frame.locator(".cv-compare .cv-thumb").evaluate_all("ss => ss.map(s => s.dataset.step)")) == {str(step)}
+    frame.locator("button[aria-label='Previous logged step']").click()
+    earlier = int(frame.locator("input[aria-label='Exact step']").input_value())
+    assert earlier < step
+    assert set(frame.locator(".cv-compare .cv-thumb").evaluate_all("ss => ss.map(s => s.dataset.step)")) == {str(earlier)}
+    captions = frame.locator(".cv-compare-panel").nth(4).locator(".cv-caption-line").all_text_contents()
+    assert captions == written[(demo_runs[0], earlier)][4]["text"][1:]
+    # Back to whole pictures: nothing cropped, no caption rows.
+    panel.select_option("")
+    frame.wait_for_function(f"() => ({CROPPED_CELLS})().every((x) => !x.cropped && x.caption.length === 0)")

@@ -490,7 +490,7 @@ class ActMax(Kind):
             grid = make_grid(tiles, ncol=ncol, padding=2)
             picture = caption(grid, [f"{layer} channels: " + ", ".join(map(str, channels))])
             boxes = grid_boxes(len(channels), ncol, tuple(tiles.shape[-2:]), padding=2)
-            panels = [{"key": f"channel_{c}", "box": box, "text": [f"channel {c}"]}
+            panels = [{"key": f"channel_{c}", "label": f"channel {c}", "box": box, "text": [f"channel {c}"]}
                       for c, box in zip(channels, boxes, strict=True)]
             out.image(layer, "channels", to_uint8(picture), panels)
 

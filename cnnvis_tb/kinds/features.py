@@ -93,8 +93,9 @@ def _feature_panels(images, activations, k, min_tile, max_tile) -> tuple[list[to
     pictures, records = [], []
     for grid, idx in zip(grids, indices.tolist(), strict=True):
         pictures.append(caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)]))
-        records.append([{"key": "input", "box": boxes[0], "text": ["input"]}] + [
-            {"key": f"top_{r + 1}", "box": boxes[r + 1], "text": [f"channel {c}", f"rank {r + 1}"]}
+        records.append([{"key": "input", "label": "input", "box": boxes[0], "text": ["input"]}] + [
+            {"key": f"top_{r + 1}", "label": f"top channel {r + 1}", "box": boxes[r + 1],
+             "text": [f"channel {c}", f"rank {r + 1}"]}
             for r, c in enumerate(idx)])
     return pictures, records
 

@@ -397,13 +397,14 @@ class GradCam(Kind):
                     columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.name, spec.label, key))
             for i in range(shown.shape[0]):
                 true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
-                images, lines, keys = [inputs[i]], [["input", true]], ["input"]
+                images, lines, keys, labels = [inputs[i]], [["input", true]], ["input"], ["input"]
                 for overlays, method, label, key in columns:
                     cls = int(targets[key][i])
                     images.append(overlays[i])
                     lines.append([label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"])
                     keys.append(f"{method}/{key}")
-                strip, panels = captioned_strip(images, lines, keys)
+                    labels.append(f"{label} · {key}")
+                strip, panels = captioned_strip(images, lines, keys, labels)
                 out.image(layer, tags.probe_view(i), to_uint8(strip), panels)
             if self.metrics:
                 self._log_metrics(ctx, out, layer, order, computed, size)

@@ -356,5 +356,6 @@ class Saliency(Kind):
             images = [inputs[i]] + [maps[i] for maps, _, _ in columns]
             lines = [["input", target]] + [[label, target] for _, _, label in columns]
             keys = ["input"] + [method for _, method, _ in columns]
-            strip, panels = captioned_strip(images, lines, keys)
+            labels = ["input"] + [label for _, _, label in columns]
+            strip, panels = captioned_strip(images, lines, keys, labels)
             out.image("input", tags.probe_view(i), to_uint8(strip), panels)
