@@ -14,7 +14,8 @@
     and ResNet-18 (8-image 224 px probe; unit: a batch-8 step). ResNet-18's activation maximization is too
     slow to repeat here: it is timed with 2 and 6 optimization steps and extrapolated linearly to the
     logger's default steps (the cost of one optimization step is constant). Saliency is timed with each
-    method: the default (vanilla, from the shared forward pass), guided backprop and SmoothGrad.
+    method: the default (vanilla, from the shared forward pass), guided backprop and SmoothGrad. The opt-in kinds
+    (saliency, DeepDream) are marked so; DeepDream runs at its default 3 octaves × 10 steps.
 
     python bench/bench_step.py [--quick]
 """
@@ -35,7 +36,7 @@ from torch import nn
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import CLASSES, MEAN, STD, ShapesDataset, SmallCNN
-from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DEFAULT_EVERY
+from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DEFAULT_EVERY, DEFAULT_KINDS
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
 
 ACTMAX_STEPS = DEFAULT_STEPS  # VisLogger's default actmax_steps
@@ -155,7 +156,7 @@ def run_overhead(steps: int) -> list[Row]:
     finals = [run.finish() for run in runs]
     identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
     due = {k: len(range(0 if BUILTIN[k].at_step_zero else n, steps, n)) for k, n in DEFAULT_EVERY.items()
-           if k != "saliency"}
+           if k in DEFAULT_KINDS}
     overhead = 100 * (logged.seconds / plain.seconds - 1)
     return [
         info(f"demo run, {steps} steps: without / with VisLogger", f"{plain.seconds:.1f} s / {logged.seconds:.1f} s"),
@@ -226,7 +227,7 @@ def kind_costs(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Ten
 
     for kind in ALL_KINDS:
         ratio = per_train_step(kind)
-        note = " (opt-in)" if kind == "saliency" else ""
+        note = "" if kind in DEFAULT_KINDS else " (opt-in)"
         if kind == "actmax" and extrapolate_actmax:
             note = f" ({ACTMAX_STEPS} steps, extrapolated from 2 and 6)"
         rows.append(info(f"{name}: one '{kind}' logging step{note} / one training step", f"{ratio:.1f}×"))

@@ -22,6 +22,7 @@ _EXPORTS = {
     "kernel_grid": "cnnvis_tb.kinds.kernels",
     "feature_maps": "cnnvis_tb.kinds.features",
     "activation_maximization": "cnnvis_tb.kinds.actmax",
+    "deep_dream": "cnnvis_tb.kinds.deepdream",
     "saliency": "cnnvis_tb.kinds.saliency",
     "overlay_heatmap": "cnnvis_tb.render",
     "colorize": "cnnvis_tb.render",
@@ -39,6 +40,7 @@ __all__ = [
     "activation_maximization",
     "cam",
     "colorize",
+    "deep_dream",
     "feature_maps",
     "find_layers",
     "grad_cam",
@@ -53,6 +55,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.kinds.actmax import activation_maximization
     from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext
+    from cnnvis_tb.kinds.deepdream import deep_dream
     from cnnvis_tb.kinds.features import feature_maps
     from cnnvis_tb.kinds.gradcam import cam, grad_cam
     from cnnvis_tb.kinds.kernels import kernel_grid

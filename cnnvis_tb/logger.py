@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
+from cnnvis_tb.distributed import ShardedModel, is_logging_rank, sharding
 from cnnvis_tb.events import use_fast_checksums
 from cnnvis_tb.kinds import BUILTIN
 from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
@@ -52,12 +53,6 @@ SLOW_KIND_SECONDS = 1.0
 _FAILED = object()
 
 
-def _is_logging_rank() -> bool:
-    """Only rank 0 of an initialized process group writes (every rank would otherwise write its own files)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 class VisLogger:
     """Log kernel grids, feature maps, Grad-CAM, activation maximization and histograms while a CNN trains.
 
@@ -65,9 +60,17 @@ class VisLogger:
     Everything is computed on a fixed probe batch, with the model in eval mode, and leaves training exactly
     as it was (modes, parameters, gradients, optimizer, BatchNorm statistics, RNG, hooks).
 
+    Distributed training: with ``DataParallel`` / ``DistributedDataParallel`` only global rank 0 logs, on the
+    wrapped module, with no collective call (build the logger on every rank or on rank 0 alone). With FSDP
+    (``fully_shard`` or ``FullyShardedDataParallel``) build it and call ``step`` on *every* rank: each logging step
+    every rank joins one gather of the full parameters, and rank 0 logs on an unsharded copy of the model
+    (see :mod:`cnnvis_tb.distributed` for why, and for the cost).
+
     Args:
-        model: the network being trained (DataParallel / DDP / ``torch.compile`` wrappers are looked through).
-        log_dir: folder for a new ``SummaryWriter`` (closed by :meth:`close`). Give this or ``writer``.
+        model: the network being trained (DataParallel / DDP / ``torch.compile`` wrappers are looked through;
+            an FSDP model is gathered, see above).
+        log_dir: folder for a new ``SummaryWriter`` (closed by :meth:`close`). Give this or ``writer``; ranks
+            other than 0 of a process group never write and may give neither.
         writer: an existing ``SummaryWriter`` to write to (never closed by us).
         probe: the images to look at: ``[N, C, H, W]`` as the model sees them (normalized), or a Dataset /
             DataLoader from which the first ``probe_size`` samples (and their labels) are taken in index order.
@@ -114,6 +117,9 @@ class VisLogger:
         max_kernels: at most this many kernels per kernel grid.
         output_selector: picks the ``[N, classes]`` scores from a model that returns a tuple or dict.
         seed: seed of the logger's own random generator (activation maximization).
+        graph: log the model's graph once, for TensorBoard's Graphs tab (``SummaryWriter.add_graph``), at the first
+            logging step, traced on the first probe image in eval mode under the same guard as the visuals. A model
+            whose trace depends on its input (data-dependent control flow) warns once and logs no graph.
     """
 
     def __init__(
@@ -146,18 +152,22 @@ class VisLogger:
         probe_boxes: Sequence[Sequence[float]] | torch.Tensor | None = None,
         probe_masks: torch.Tensor | None = None,
         seed: int = 0,
+        graph: bool = False,
     ) -> None:
         self._net = unwrap_model(model)
         self._probe_cache: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
         self._closed = True  # until the constructor has validated everything
         self._kinds: list[Kind] = []
+        self._sharded: ShardedModel | None = None
         options = check_options(
             probe=probe, probe_labels=probe_labels, mean=mean, std=std, class_names=class_names, every=every,
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
             actmax_background=actmax_background, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
             cam_scale=cam_scale, cam_metrics=cam_metrics, probe_boxes=probe_boxes, probe_masks=probe_masks,
+            graph=graph,
         )
+        self._graph_pending = options.graph  # logged at the first logging step
         if (probe_boxes is not None or probe_masks is not None) and not any(
                 getattr(k, "metrics", False) for k in options.kinds):
             raise ValueError("probe_boxes / probe_masks are scored by the gradcam kind's metrics (pointing game, "
@@ -168,9 +178,48 @@ class VisLogger:
             raise ValueError("give either log_dir or writer, not both")
         if writer is not None and getattr(writer, "all_writers", True) is None:
             raise ValueError("writer is already closed; pass an open SummaryWriter or a log_dir")
-        if writer is None and log_dir is None:
+        if writer is None and log_dir is None and is_logging_rank():  # the other ranks never write
             raise ValueError("give log_dir (a folder such as 'runs/exp1') or writer (a SummaryWriter)")
 
+        flavour = sharding(self._net)
+        if flavour is not None:
+            # Every rank joins the first gather; rank 0 then builds everything on its unsharded copy and tells the
+            # others whether it could (so a bad layer name stops every rank, not rank 0 alone).
+            self._sharded = ShardedModel(self._net, flavour)
+            copied = self._sharded.gather()
+            if not self._sharded.is_rank0:
+                self._follow(options, writer, log_dir)
+                return
+            self._net = self._sharded.replica
+            try:
+                if copied is not None:
+                    raise RuntimeError(f"copying the full parameters of the {flavour.upper()} model failed: "
+                                       f"{type(copied).__name__}: {copied}") from copied
+                self._setup(options, writer, log_dir, layers)
+            except BaseException as e:
+                self._sharded.agree(f"{type(e).__name__}: {e}", what="VisLogger(...)")
+                raise
+            self._sharded.agree(info={"num_classes": self.num_classes, "class_names": self.class_names,
+                                      "layers": {k.name: list(k.layers) for k in self._kinds}})
+            return
+        self._setup(options, writer, log_dir, layers)
+
+    def _follow(self, options, writer, log_dir) -> None:
+        """The constructor on a rank other than 0 of a sharded model: no copy of the model, no writer; the schedule,
+        and what rank 0 found (class count, layers), or rank 0's error."""
+        self.probe, self.mean, self.std = options.probe, options.mean, options.std
+        found = self._sharded.agree(what="VisLogger(...)")
+        self.num_classes, self.class_names = found["num_classes"], found["class_names"]
+        self._traces, self._info = [], None
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.RLock()
+        self._kinds = options.kinds
+        for kind in self._kinds:
+            kind.layers = list(found["layers"].get(kind.name, []))
+        self._start(writer, log_dir)
+
+    def _setup(self, options, writer, log_dir, layers) -> None:
+        """The constructor's checks against the model and the kinds' setup (on rank 0's copy of a sharded model)."""
         convs = conv_layers(self._net)
         if not convs:
             raise ValueError(
@@ -200,18 +249,20 @@ class VisLogger:
         self._lock = threading.RLock()
         self._info = ModelInfo(
             net=self._net, traces=self._traces, probe=self.probe, num_classes=num_classes, mean=self.mean,
-            std=self.std, class_names=class_names, output_selector=output_selector, seed=seed, strict=self.strict,
-            warn_once=self._warn_once, guard=self._guarded, open_output=self._open_output,
+            std=self.std, class_names=class_names, output_selector=self.output_selector, seed=self.seed,
+            strict=self.strict, warn_once=self._warn_once, guard=self._guarded, open_output=self._open_output,
         )
         _assign_layers(options.kinds, layers, self._info)
         for kind in options.kinds:
             kind.setup(self._info)
         self._kinds = options.kinds
+        self._start(writer, log_dir)
+
+    def _start(self, writer, log_dir) -> None:
         self.kinds = tuple(k.name for k in self._kinds)
         self.every = {k.name: k.every for k in self._kinds}
-
         self._owns_writer = writer is None
-        self._active = _is_logging_rank()
+        self._active = is_logging_rank()
         self._writer = writer
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         if self._active and self._log_dir is not None:
@@ -300,7 +351,7 @@ class VisLogger:
                               "close the VisLogger after the training loop (or use `with VisLogger(...) as vis:`)",
                               RuntimeWarning, stacklevel=2)
             return False
-        if not self._active or self._stopped:
+        if self._sharded.stopped if self._sharded is not None else (not self._active or self._stopped):
             return False
         due = due_kinds(self._kinds, global_step, self._last_logged)
         if not due:
@@ -326,8 +377,13 @@ class VisLogger:
                 if name not in self.kinds:
                     raise self._not_logged(name)
             chosen = [k for k in self._kinds if k.name in names]
+        if self._sharded is not None:
+            return self._log_sharded(global_step, chosen)
         if not self._active or self._stopped:
             return False
+        return self._log_and_flush(global_step, chosen)
+
+    def _log_and_flush(self, global_step: int, chosen: list[Kind]) -> bool:
         with self._lock:
             self.last_times = {}
             try:
@@ -341,6 +397,37 @@ class VisLogger:
                     except Exception as e:
                         self._write_failed(e)
         return not self._stopped
+
+    def _log_sharded(self, step: int, chosen: list[Kind]) -> bool:
+        """One logging step of a sharded model, on every rank: the gather (a collective), rank 0's logging on its
+        copy (no collective), rank 0's outcome on every rank (a collective). See :mod:`cnnvis_tb.distributed`."""
+        sharded = self._sharded
+        if sharded.stopped:
+            return False
+        with self._lock:
+            copied = sharded.gather()
+            failure: BaseException | None = None
+            logged = False
+            if self._active and not self._stopped:
+                try:
+                    if copied is not None:  # nothing to look at: warned once (raised under strict) like a visual
+                        self._guarded("model copy", step, lambda: _reraise(copied))
+                    else:
+                        logged = self._log_and_flush(step, chosen)
+                except BaseException as e:
+                    failure = e
+            for kind in chosen:
+                self._last_logged[kind.name] = step
+            try:
+                sharded.agree(None if failure is None else f"{type(failure).__name__}: {failure}",
+                              stopped=self._stopped, what=f"logging step {step}")
+            except BaseException as e:
+                if failure is not None:  # rank 0's own error is what counts
+                    raise failure from e
+                raise
+            if failure is not None:
+                raise failure
+        return logged
 
     def close(self) -> None:
         """Wait for background work, flush, and close the writer if we created it. Safe to call twice."""
@@ -426,6 +513,9 @@ class VisLogger:
             if not self._table_logged:
                 self._guarded("summary", step, lambda: self._log_tables(step))
                 self._table_logged = True
+            if self._graph_pending:
+                self._graph_pending = False
+                self._guarded("graph", step, lambda: _add_graph(self.writer, self._net, self._probe_tensor()[:1]))
             needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in kinds), Needs())
             shared = None
             if needs.forward:
@@ -478,6 +568,33 @@ class VisLogger:
         self.writer.add_text(tags.text_tag("model", "layers"), layer_table(self._net, traces=self._traces), step)
         rows = [(k.name, k.label or k.name, k.details()) for k in self._kinds]
         self.writer.add_text(tags.KINDS_TABLE_TAG, tags.kinds_table(rows), step)
+
+
+def _add_graph(writer, net: nn.Module, inputs: torch.Tensor) -> None:
+    """Write ``net``'s graph, traced on ``inputs`` by ``SummaryWriter.add_graph``, for TensorBoard's Graphs tab.
+
+    Runs under :func:`~cnnvis_tb.safety.preserved` (eval mode; flags and RNG put back) and registers no hook. A trace
+    records the ops of one input: when the tracer warns that they may differ for another input (data-dependent
+    control flow such as ``if x.sum() > 0``), it is refused before anything is written, so no wrong graph is shown.
+    The tracer's own warnings (and its deprecation notice) are not passed on: the error says what went wrong.
+    """
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            torch.jit.trace(net, inputs, check_trace=False, strict=False)
+        except Exception as e:
+            raise RuntimeError(f"the model could not be traced for the Graphs tab ({type(e).__name__}: {e}); pass "
+                               "graph=False to leave the graph out") from e
+        tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        if tracer:
+            raise RuntimeError(f"the model's graph depends on its input, so none is logged (torch.jit.trace: "
+                               f"{tracer[0].message}). Data-dependent control flow such as `if x.sum() > 0` cannot "
+                               "be traced; pass graph=False to leave the graph out")
+        writer.add_graph(net, inputs, use_strict_trace=False)
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 #: A log dir naming a store rather than a local folder: ``s3://``, ``gs://`` or any fsspec protocol.

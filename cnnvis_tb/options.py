@@ -36,6 +36,7 @@ class CheckedOptions:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     class_names: list[str] | None
+    graph: bool = False
 
 
 def check_options(
@@ -58,9 +59,10 @@ def check_options(
     cam_methods: str | Iterable[str] = ("gradcam", "gradcam++"),
     cam_batch_size: int = 64,
     cam_scale: str = "image",
-    cam_metrics: bool = True,
+    cam_metrics: bool | str = True,
     probe_boxes: object = None,
     probe_masks: object = None,
+    graph: bool = False,
 ) -> CheckedOptions:
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     kind_options = dict(top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
@@ -70,6 +72,9 @@ def check_options(
     checked_kinds = resolve_kinds(kinds, kind_options)
     apply_every(every, checked_kinds)
     positive_int("probe_size", probe_size)
+    if not isinstance(graph, bool):
+        raise TypeError(f"graph must be True or False (log the model's graph once, for TensorBoard's Graphs tab), "
+                        f"got {graph!r}")
     if output_selector is not None and not callable(output_selector):
         raise TypeError(f"output_selector must be callable (output -> scores [N, classes]), got {output_selector!r}")
     if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
@@ -83,4 +88,5 @@ def check_options(
         mean=_norm(mean, "mean", channels),
         std=_norm(std, "std", channels),
         class_names=None if class_names is None else [str(c) for c in class_names],
+        graph=graph,
     )

@@ -335,8 +335,8 @@ def captioned_strip(
 
     Returns:
         The ``[3, H, W]`` strip (:func:`make_grid` of the captioned panels, ``padding`` apart) and one record per
-        panel, ``{"key", "label", "box": [x, y, w, h], "text": [lines]}``: ``box`` is the picture without its caption band,
-        in the strip's pixels, so the tab can show one panel alone with its caption as text.
+        panel, ``{"key", "label", "box": [x, y, w, h], "text": [lines]}``: ``box`` is the picture without its
+        caption band, in the strip's pixels, so the tab can show one panel alone with its caption as text.
     """
     if not (len(images) == len(lines) == len(keys)) or not images:
         raise ValueError(f"captioned_strip needs as many images, caption line lists and keys (got {len(images)}, "

@@ -14,8 +14,14 @@ Tag scheme::
   for scalars.
 * ``layer`` the layer's ``named_modules()`` name (dots kept, never contains ``/``), or ``input``
   for views of the whole model input (saliency) and ``model`` for model-wide text.
-* ``view``  what the picture shows: ``probe_003`` (one probe image), ``grid`` (kernel grid),
+* ``view``  what the picture shows: ``probe_003`` (one probe image: Grad-CAM, feature maps, saliency, and DeepDream,
+  whose picture is the probe image beside its dream at that layer), ``grid`` (kernel grid),
   ``channels`` (activation maximization), ``weight`` / ``grad`` (histograms), ``layers`` (text).
+
+Scalars go under ``cnnvis/metrics/<kind>/<layer>/<name>`` (:func:`metric_tag`). The CAM metrics' names are
+``<metric>/<method>/<target>`` (averaged over the probe), ``<metric>/<method>/<target>/probe_003`` (one probe
+image's value, for the metrics worth following per image: the pointing game) and ``agreement/<target>``; see
+:func:`cam_metric_name`. A per-image name sorts right after its mean, and :func:`metric_probe_index` tells them apart.
 
 The kinds table (``cnnvis/summary/model/kinds``, a Markdown table written once per run by the logger) tells the
 tab each kind's label and order; :func:`kinds_table` writes it and :func:`parse_kinds_table` reads it back.
@@ -41,6 +47,9 @@ __all__ = [
     "histogram_tag",
     "text_tag",
     "metric_tag",
+    "cam_metric_name",
+    "cam_agreement_name",
+    "metric_probe_index",
     "parse_tag",
     "probe_view",
     "probe_index",
@@ -116,6 +125,28 @@ def image_tag(kind: str, layer: str, view: str) -> str:
 def metric_tag(kind: str, layer: str, name: str) -> str:
     """Tag of a scalar a kind logs: ``cnnvis/metrics/<kind>/<layer>/<name>`` (the Scalars tab groups by prefix)."""
     return f"{PREFIX}/metrics/{check_kind_name(kind)}/{_layer_part(layer)}/{_view_part(name)}"
+
+
+def cam_metric_name(metric: str, method: str, target: str, probe: int | None = None) -> str:
+    """Name (under :func:`metric_tag`) of a CAM metric: ``<metric>/<method>/<target>`` for the mean over the probe,
+    ``<metric>/<method>/<target>/probe_<i>`` for probe image ``i`` alone, e.g. ``pointing/gradcam/true/probe_003``."""
+    for part, what in ((metric, "metric"), (method, "method"), (target, "target")):
+        if not isinstance(part, str) or not part or "/" in part:
+            raise ValueError(f"a CAM metric's {what} must be a non-empty string without '/', got {part!r}")
+    name = f"{metric}/{method}/{target}"
+    return name if probe is None else f"{name}/{probe_view(probe)}"
+
+
+def cam_agreement_name(target: str) -> str:
+    """Name (under :func:`metric_tag`) of the agreement between the CAM methods for ``target``:
+    ``agreement/<target>``."""
+    return f"agreement/{target}"
+
+
+def metric_probe_index(name: str) -> int | None:
+    """The probe image a metric name is about (its last level ``probe_<i>``), ``None`` for a value of the whole
+    probe."""
+    return probe_index(name.rpartition("/")[2])
 
 
 def histogram_tag(parameter: str, view: str = "weight") -> str:

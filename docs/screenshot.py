@@ -2,9 +2,11 @@
 
     python examples/compare_runs.py --logdir runs/compare          # two demo runs, different learning rates
     python docs/screenshot.py --logdir runs/compare --out docs/tab.png
+    python docs/screenshot.py --logdir runs/compare --out docs/trends.png --part trends
 
 Starts TensorBoard on a free localhost port, opens the tab in Debian's headless chromium (through playwright),
-waits until every image on screen has loaded, and saves a 1400×900 screenshot.
+waits until every image on screen has loaded, and saves a 1400×900 screenshot (``--part trends``: of the trends
+card only).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="docs/tab.png")
     p.add_argument("--query", default="?p.cnnvis.kind=gradcam&p.cnnvis.size=150",
                    help="the tab's view, as in its shareable URL")
+    p.add_argument("--part", choices=("page", "trends"), default="page", help="the whole page or the trends card")
     args = p.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
@@ -64,7 +67,11 @@ def main(argv=None) -> None:
                 "() => [...document.querySelectorAll('.cv-thumb img')].every(i => i.complete && i.naturalWidth > 0)",
                 timeout=60_000,
             )
-            page.screenshot(path=args.out)
+            if args.part == "trends":
+                frame.wait_for_selector(".cv-trend", timeout=30_000)
+                frame.locator(".cv-trends-card").screenshot(path=args.out)
+            else:
+                page.screenshot(path=args.out)
             browser.close()
         print(f"saved {args.out}")
     finally:

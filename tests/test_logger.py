@@ -24,6 +24,7 @@ def test_every_kind_written_under_the_tag_scheme(tmp_path):
     images = set(acc.Tags()["images"])
     steps = {tag: [0, 1] for tag in images}
     steps.update({f"cnnvis/actmax/{layer}/channels": [1] for layer in vis.layers["actmax"]})  # not at step 0
+    steps.update({t: [1] for t in images if t.startswith("cnnvis/deepdream/")})  # not at step 0 either
     layers = vis.layers
     assert layers["gradcam"] == ["body"]
     assert layers["kernels"] == ["stem.0", "body.0", "body.3"] == layers["features"]
@@ -31,6 +32,7 @@ def test_every_kind_written_under_the_tag_scheme(tmp_path):
     expected |= {f"cnnvis/features/{layer}/probe_{i:03d}" for layer in layers["features"] for i in range(4)}
     expected |= {f"cnnvis/kernels/{layer}/grid" for layer in layers["kernels"]}
     expected |= {f"cnnvis/actmax/{layer}/channels" for layer in layers["actmax"]}
+    expected |= {f"cnnvis/deepdream/{layer}/probe_{i:03d}" for layer in layers["deepdream"] for i in range(4)}
     expected |= {f"cnnvis/saliency/input/probe_{i:03d}" for i in range(4)}
     assert images == expected
     for tag in images:

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cnnvis_tb import VisLogger, grad_cam
-from cnnvis_tb.kinds import ALL_KINDS
+from cnnvis_tb.kinds import ALL_KINDS, DeepDream
 from cnnvis_tb.kinds.cam_methods import METHODS as CAM_METHODS
 from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 
@@ -30,10 +30,13 @@ def _train(log_dir=None, *, call_between=False):
     probe, labels = make_batch(99)
     vis = None
     if log_dir is not None:
-        vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS,
+        # DeepDream with 2 octaves of 2 steps: the same code as the default 3 x 10, at a tenth of the cost
+        kinds = [k for k in ALL_KINDS if k != "deepdream"] + [DeepDream(octaves=2, steps=2)]
+        vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=kinds,
                         strict=True, actmax_steps=2, actmax_channels=2,
-                        saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS),
-                        probe_boxes=[[2, 2, 10, 12]] * len(labels))  # every metric on
+                        saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS), cam_metrics="all",
+                        probe_boxes=[[2, 2, 10, 12]] * len(labels),  # every metric on, the costly ones too
+                        graph=True)  # and the model's graph, traced at the first step
     for step in range(STEPS):
         x, y = make_batch(step)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -68,6 +71,11 @@ def test_training_is_bit_identical_with_every_kind_at_every_step(tmp_path, call_
     _assert_same_state(reference, logged)
     acc = read_events(tmp_path / "run")
     assert len(acc.Images(acc.Tags()["images"][0])) == STEPS  # it really logged at every step
+    metrics = {t.split("/")[4] for t in acc.Tags()["scalars"] if t.startswith("cnnvis/metrics/gradcam/")}
+    assert {"deletion", "insertion", "confidence_drop", "iou", "pointing", "stability"} <= metrics
+    assert len(acc.Scalars("cnnvis/metrics/gradcam/body/deletion/scorecam/true")) == STEPS
+    assert len(acc.Images("cnnvis/deepdream/body.0/probe_000")) == STEPS - 1  # every step but 0, as actmax
+    assert any(node.op == "aten::_convolution" for node in acc.Graph().node)
 
 
 def test_training_changes_without_the_guard_would_be_detected(tmp_path):

@@ -25,11 +25,11 @@ def _names(kinds):
 
 def test_default_kinds_and_intervals_come_from_the_registry():
     kinds = resolve_kinds(None)
-    assert _names(kinds) == list(DEFAULT_KINDS) and "saliency" not in DEFAULT_KINDS
+    assert _names(kinds) == list(DEFAULT_KINDS) and "saliency" not in DEFAULT_KINDS and "deepdream" not in DEFAULT_KINDS
     assert {k.name: k.every for k in kinds} == {name: DEFAULT_EVERY[name] for name in DEFAULT_KINDS}
     # the intervals the README documents
-    assert DEFAULT_EVERY == {"gradcam": 200, "features": 200, "kernels": 100, "actmax": 1000, "saliency": 200,
-                             "histograms": 100, "health": 100}
+    assert DEFAULT_EVERY == {"gradcam": 200, "features": 200, "kernels": 100, "actmax": 1000, "deepdream": 1000,
+                             "saliency": 200, "histograms": 100, "health": 100}
 
 
 def test_kinds_come_in_the_registry_order_and_a_users_kind_after_them():

@@ -39,4 +39,4 @@ def test_every_kind_logs_on_a_timm_model(name, tmp_path):
         vis.log_now(1)
     assert hook_counts(model) == hooks and {n: m.training for n, m in model.named_modules()} == flags
     families = {t.split("/")[1] for t in read_events(tmp_path).Tags()["images"]}
-    assert families == {"gradcam", "features", "kernels", "actmax", "saliency"}
+    assert families == {"gradcam", "features", "kernels", "actmax", "deepdream", "saliency"}

@@ -29,6 +29,7 @@ except ImportError:  # the older package name of the same library
             "(or pip install lightning)"
         ) from e
 
+from cnnvis_tb.distributed import sharding
 from cnnvis_tb.logger import VisLogger
 from cnnvis_tb.options import check_options
 from cnnvis_tb.probe import Probe
@@ -52,7 +53,10 @@ class CnnVisCallback(Callback):
     3. otherwise ``trainer.log_dir`` (a ``CSVLogger``'s version folder, or ``default_root_dir`` with
        ``logger=False``): a writer of the callback's own.
 
-    Only global rank zero computes and writes anything. The ``VisLogger`` is built in ``on_fit_start`` (after
+    Only global rank zero computes and writes anything; with a fully sharded model (FSDP2 ``fully_shard`` applied in
+    ``configure_model``, e.g. with ``ModelParallelStrategy``, or an FSDP1 strategy) every rank builds the
+    ``VisLogger`` and joins the gather of the full parameters at each logging step, and rank zero logs on its
+    unsharded copy (see :mod:`cnnvis_tb.distributed`). The ``VisLogger`` is built in ``on_fit_start`` (after
     ``configure_model`` and the move to the device) with the ``LightningModule`` as the model, which must
     therefore map images to class scores in its ``forward``. The state at the start of training is logged at
     ``trainer.global_step`` (0 for a fresh run), then ``vis.step(trainer.global_step)`` runs after every training
@@ -92,7 +96,8 @@ class CnnVisCallback(Callback):
 
     @property
     def vis(self) -> VisLogger | None:
-        """The running ``VisLogger`` (on global rank zero, between the start and the end of fitting), else None."""
+        """The running ``VisLogger`` (on global rank zero, and on every rank of a sharded model, between the start
+        and the end of fitting), else None."""
         return self._vis
 
     # ------------------------------------------------------------------ hooks
@@ -103,10 +108,15 @@ class CnnVisCallback(Callback):
         log_dir = self._log_dir
         if log_dir is None and tensorboard is None:
             log_dir = trainer.log_dir
+        model, sharded = _model_to_log(trainer, pl_module)
         error = None
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or sharded:
+            # Under FSDP every rank builds it (and joins the gathers); only rank zero gets a destination.
+            destination = (log_dir, tensorboard if log_dir is None else None)
+            if not trainer.is_global_zero:
+                destination = (None, None)
             try:
-                self._vis = self._build(pl_module, log_dir, tensorboard if log_dir is None else None)
+                self._vis = self._build(model, pl_module, *destination)
             except Exception as e:
                 error = e
         # Every rank learns whether rank zero could start, so a bad option stops all ranks together instead of
@@ -139,9 +149,11 @@ class CnnVisCallback(Callback):
         self._close()
 
     # ------------------------------------------------------------------ helpers
-    def _build(self, pl_module: LightningModule, log_dir: str | None, tensorboard) -> VisLogger:
+    def _build(self, model, pl_module: LightningModule, log_dir: str | None, tensorboard) -> VisLogger:
         if log_dir is not None:
             destination = {"log_dir": log_dir}
+        elif tensorboard is None:  # a rank other than zero of a sharded model: it never writes
+            destination = {}
         else:
             writer = tensorboard.experiment
             if getattr(writer, "all_writers", True) is None:
@@ -149,7 +161,7 @@ class CnnVisCallback(Callback):
                 writer._get_file_writer()
             destination = {"writer": writer}
         try:
-            return VisLogger(pl_module, **destination, probe=self._probe.images, probe_labels=self._probe.labels,
+            return VisLogger(model, **destination, probe=self._probe.images, probe_labels=self._probe.labels,
                              **self._vis_kwargs)
         except ValueError as e:
             if isinstance(e.__cause__, NotImplementedError) and "forward" in str(e.__cause__):
@@ -163,6 +175,17 @@ class CnnVisCallback(Callback):
         vis, self._vis = self._vis, None
         if vis is not None:
             vis.close()
+
+
+def _model_to_log(trainer: Trainer, pl_module: LightningModule) -> tuple[Any, bool]:
+    """What the VisLogger runs on, and whether it is sharded (decided identically on every rank). FSDP2 shards the
+    ``LightningModule`` in place (``fully_shard`` in ``configure_model``), so it stays the model; an FSDP1 strategy
+    wraps it, and that wrapper (the strategy's model, holding the outermost flat parameters) is what is gathered."""
+    flavour = sharding(pl_module)
+    wrapped = getattr(trainer.strategy, "model", None)
+    if flavour != "fsdp2" and wrapped is not None and wrapped is not pl_module and sharding(wrapped) == "fsdp1":
+        return wrapped, True
+    return pl_module, flavour is not None
 
 
 def _check_options(probe: Any, options: dict[str, Any]) -> Probe:

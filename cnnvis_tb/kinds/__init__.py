@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cnnvis_tb.kinds.actmax import ActMax
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
+from cnnvis_tb.kinds.deepdream import DeepDream
 from cnnvis_tb.kinds.features import Features
 from cnnvis_tb.kinds.gradcam import GradCam
 from cnnvis_tb.kinds.health import Health
@@ -17,7 +18,7 @@ from cnnvis_tb.kinds.kernels import Kernels
 from cnnvis_tb.kinds.saliency import Saliency
 
 __all__ = ["BUILTIN", "ALL_KINDS", "DEFAULT_KINDS", "DEFAULT_EVERY", "Kind", "Needs", "ModelInfo", "StepContext",
-           "Output", "GradCam", "Features", "Kernels", "ActMax", "Saliency", "Histograms", "Health"]
+           "Output", "GradCam", "Features", "Kernels", "ActMax", "DeepDream", "Saliency", "Histograms", "Health"]
 
 #: name -> class of every built-in kind, in the tab's order.
 BUILTIN: dict[str, type[Kind]] = {
@@ -27,6 +28,7 @@ BUILTIN: dict[str, type[Kind]] = {
         Features,
         Kernels,
         ActMax,
+        DeepDream,
         Saliency,
         Histograms,
         Health,

@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,7 +34,7 @@ _log = logging.getLogger("cnnvis_tb")
 
 __all__ = [
     "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
-    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR", "ActMax",
+    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR", "ActMax", "BackgroundWork",
 ]
 
 # Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
@@ -388,9 +388,7 @@ class ActMax(Kind):
         self.steps = positive_int("actmax_steps", steps)
         self.background = bool(background)
         self.targets: list[tuple[str, int]] = []
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-        self._pid = os.getpid()
+        self._worker = BackgroundWork(self, "activation maximization")
 
     @classmethod
     def from_options(cls, options):
@@ -437,16 +435,7 @@ class ActMax(Kind):
                   self.steps, " (in the background)" if self.background else "")
         if not self.background:
             return self._images(ctx.net)
-        self._forget_parents_worker()
-        self._pending = [f for f in self._pending if not f.done()]
-        if self._pending:
-            ctx.warn_once("actmax-busy", f"activation maximization of an earlier step is still running; step "
-                          f"{ctx.step} is skipped (use a larger every['actmax'])")
-            return None
-        snapshot = _snapshot(ctx.net)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnvis-actmax")
-        self._pending.append(self._executor.submit(self._in_background, snapshot, ctx.step))
+        self._worker.submit(ctx, self._images, self._write)
         return None
 
     def log(self, ctx: StepContext, out: Output, computed: dict[str, torch.Tensor] | None) -> None:
@@ -457,16 +446,7 @@ class ActMax(Kind):
             pass
 
     def close(self) -> None:
-        self._forget_parents_worker()
-        for future in list(self._pending):
-            try:
-                future.result()
-            except Exception:  # reported by the worker itself (warned, or raised there under strict)
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        self._pending = []
+        self._worker.close()
 
     # ------------------------------------------------------------------ the work
     def _images(self, net: nn.Module) -> dict[str, torch.Tensor]:
@@ -494,17 +474,62 @@ class ActMax(Kind):
                       for c, box in zip(channels, boxes, strict=True)]
             out.image(layer, "channels", to_uint8(picture), panels)
 
-    def _in_background(self, snapshot: nn.Module, step: int) -> None:
+
+class BackgroundWork:
+    """The background mode of a heavy kind (activation maximization, DeepDream): its optimization runs on a frozen
+    snapshot of the model in a worker thread, so the training loop is blocked only while the snapshot is taken, and
+    its pictures are written at the snapshot's step when it is done.
+
+    One optimization at a time: a logging step that comes while the previous one still runs is skipped with one
+    warning. A failure warns once (raises on the worker under ``strict``). :meth:`close` waits for the worker.
+    """
+
+    def __init__(self, kind: Kind, what: str) -> None:
+        self.kind, self.what = kind, what
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._pid = os.getpid()
+
+    def submit(self, ctx: StepContext, work: Callable[[nn.Module], object],
+               write: Callable[[Output, object], None]) -> None:
+        """Snapshot ``ctx.net`` now; on the worker, ``write(out, work(snapshot))`` into an output at ``ctx.step``."""
+        self._forget_parents_worker()
+        self._pending = [f for f in self._pending if not f.done()]
+        name = self.kind.name
+        if self._pending:
+            ctx.warn_once(f"{name}-busy", f"{self.what} of an earlier step is still running; step {ctx.step} is "
+                          f"skipped (use a larger every[{name!r}])")
+            return
+        snapshot = _snapshot(ctx.net)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cnnvis-{name}")
+        self._pending.append(self._executor.submit(self._run, snapshot, ctx.step, work, write))
+
+    def close(self) -> None:
+        """Wait for the work still running, then stop the worker."""
+        self._forget_parents_worker()
+        for future in list(self._pending):
+            try:
+                future.result()
+            except Exception:  # reported by the worker itself (warned, or raised there under strict)
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._pending = []
+
+    def _run(self, snapshot: nn.Module, step: int, work, write) -> None:
+        info = self.kind.info
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                per_layer = self._images(snapshot)
-            with self.info.open_output(self, step) as out:
-                self._write(out, per_layer)
+                result = work(snapshot)
+            with info.open_output(self.kind, step) as out:
+                write(out, result)
         except Exception as e:
-            if self.info.strict:
+            if info.strict:
                 raise
-            self.info.warn_once(f"actmax-bg-{type(e).__name__}", f"background activation maximization failed at "
-                                f"step {step}: {type(e).__name__}: {e}")
+            info.warn_once(f"{self.kind.name}-bg-{type(e).__name__}", f"background {self.what} failed at step "
+                           f"{step}: {type(e).__name__}: {e}")
 
     def _forget_parents_worker(self) -> None:
         """In a process forked from the one that started the background worker, that worker does not exist:

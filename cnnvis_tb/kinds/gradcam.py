@@ -7,8 +7,9 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the hooked acti
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,24 @@ from cnnvis_tb import tags
 from cnnvis_tb.hooks import OWN, capture, first_tensor
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext, positive_int
 from cnnvis_tb.kinds.cam_methods import METHODS, CamInputs, Scorer, bias_layers, check_methods, linear_head
-from cnnvis_tb.kinds.cam_metrics import energy, entropy, pointing, regions, spearman
+from cnnvis_tb.kinds.cam_metrics import (
+    DELETION_STEPS,
+    blur,
+    deletion_insertion,
+    energy,
+    entropy,
+    perturbation_counts,
+    pointing,
+    regions,
+    spearman,
+    top_iou,
+)
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
 from cnnvis_tb.render import as_rgb, captioned_strip, fit, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
-__all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam"]
+__all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam",
+           "CAM_METRICS", "check_cam_metrics"]
 
 _EPS = 1e-7
 _log = logging.getLogger("cnnvis_tb")
@@ -214,11 +227,13 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @dataclass
 class CamStep:
     """What :meth:`GradCam.compute` hands to :meth:`GradCam.log`, keyed ``(layer, method, target)``: the raw maps
-    ``[N, h, w]`` (ReLU applied), the same resized to the input once for every use, and the confidence measures."""
+    ``[N, h, w]`` (ReLU applied), the same resized to the input once for every use, the confidence measures and the
+    per-image deletion and insertion AUCs (the metrics that need the model)."""
 
     raw: dict[tuple[str, str, str], torch.Tensor]
     full: dict[tuple[str, str, str], torch.Tensor]
     confidence: dict[tuple[str, str, str], tuple[float, float]]
+    deletion: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 #: Colour scales of the logged maps: each map min-max scaled, or one scale per probe image, method and target kept
@@ -226,6 +241,25 @@ class CamStep:
 CAM_SCALES = ("image", "run")
 #: Perturbed images per logging step above which the constructor warns about Score-/Ablation-CAM's cost.
 COSTLY_IMAGES = 4096
+#: Values of the ``cam_metrics`` option besides ``True`` (= ``"all"``) and ``False`` (no metric): ``"all"`` logs every
+#: explanation-quality metric, ``"cheap"`` only those computed from the maps alone (pointing, energy, IoU, entropy,
+#: stability, agreement), leaving out the ones that run the model again (confidence drop / increase: one probe
+#: forward per method and target set; deletion / insertion: ``2·(steps − 1)`` perturbed images per map).
+CAM_METRICS = ("all", "cheap")
+#: Seconds of deletion / insertion at one logging step above which the kind warns (once) about their cost.
+SLOW_DELETION_SECONDS = 5.0
+
+
+def check_cam_metrics(value: object) -> str | bool:
+    """``"all"``, ``"cheap"`` or ``False`` for a ``cam_metrics`` option (``True`` means ``"all"``); else
+    ``ValueError``."""
+    if value is True or value is False:
+        return "all" if value else False
+    if isinstance(value, str) and value in CAM_METRICS:
+        return value
+    raise ValueError("cam_metrics must be True or 'all' (every metric), 'cheap' (only the metrics computed from the "
+                     "maps alone: no deletion / insertion, no confidence drop / increase, which run the model again) "
+                     f"or False (no metric), got {value!r}")
 
 
 class GradCam(Kind):
@@ -240,20 +274,25 @@ class GradCam(Kind):
         methods: CAM methods shown (names of :data:`cnnvis_tb.kinds.cam_methods.METHODS`).
         batch_size: perturbed images per forward pass of Score-CAM / Ablation-CAM (the memory cap).
         scale: ``"image"`` (each map min-max scaled) or ``"run"`` (see :data:`CAM_SCALES`).
+        metrics: explanation-quality scalars: ``True`` / ``"all"``, ``"cheap"`` or ``False`` (see :data:`CAM_METRICS`).
+        deletion_steps: perturbation steps of the deletion / insertion curves
+            (:func:`cnnvis_tb.kinds.cam_metrics.deletion_insertion`).
     """
 
     name, label, every = "gradcam", "Grad-CAM", 200
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
     def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",
-                 metrics: bool = True, every: int | None = None, layers=None) -> None:
+                 metrics: bool | str = True, deletion_steps: int = DELETION_STEPS, every: int | None = None,
+                 layers=None) -> None:
         super().__init__(every=every, layers=layers)
         self.methods = check_methods(methods)
         self.batch_size = positive_int("cam_batch_size", batch_size)
         if scale not in CAM_SCALES:
             raise ValueError(f"cam_scale must be one of {CAM_SCALES}, got {scale!r}")
         self.scale = scale
-        self.metrics = bool(metrics)
+        self.metrics = check_cam_metrics(metrics)
+        self.deletion_steps = positive_int("deletion_steps", deletion_steps)
         self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -297,7 +336,9 @@ class GradCam(Kind):
                                "step; choose a layer with fewer channels, a smaller probe or a larger every['gradcam']")
 
     def details(self) -> str:
-        return super().details() + f"; methods: {', '.join(self.methods)}; scale: {self.scale}"
+        metrics = {"all": f"all (deletion / insertion in {self.deletion_steps} steps)", "cheap": "cheap",
+                   False: "off"}[self.metrics]
+        return super().details() + f"; methods: {', '.join(self.methods)}; scale: {self.scale}; metrics: {metrics}"
 
     def needs(self) -> Needs:
         specs = self._specs
@@ -333,7 +374,59 @@ class GradCam(Kind):
         size = tuple(shared.inputs.shape[-2:])
         resized: dict[int, torch.Tensor] = {}  # equal target sets share their maps, and so their resized maps
         full = {k: resized.setdefault(id(raw), _resize(raw, size)) for k, raw in maps.items()}
-        return CamStep(maps, full, self._confidence_changes(ctx, full) if self.metrics else {})
+        if self.metrics != "all":
+            return CamStep(maps, full, {})
+        return CamStep(maps, full, self._confidence_changes(ctx, full), self._deletion_insertion(ctx, full))
+
+    def _deletion_insertion(self, ctx, full) -> dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Per-image deletion and insertion AUCs ``([N], [N])`` of every map set (see
+        :func:`cnnvis_tb.kinds.cam_metrics.deletion_insertion`: baseline 0 in the model's input space, insertion from
+        the blurred probe image), all map sets' perturbed images in one stream of no-grad forwards of at most
+        ``batch_size`` images. An image whose class is the same for two targets (its prediction is right) is
+        perturbed once: its map is the same for both."""
+        shared = ctx.shared
+        x = shared.inputs.detach()
+        n = x.shape[0]
+        selector = ctx.info.output_selector
+        maps, owners, classes = [], [], []
+        slots: dict[tuple[str, str, str], torch.Tensor] = {}  # per map set: image i -> row of the results
+        rows = 0
+        for which, full_maps in full.items():
+            layer, method, key = which
+            cls = shared.targets[key].to(x.device)
+            slot = torch.full((n,), -1, dtype=torch.long)
+            for earlier, earlier_slot in slots.items():
+                if earlier[:2] != (layer, method):
+                    continue
+                same = torch.ones(n, dtype=torch.bool) if full[earlier] is full_maps else (
+                    shared.targets[earlier[2]].to(x.device) == cls).cpu()
+                slot = torch.where((slot < 0) & same, earlier_slot, slot)
+            new = torch.nonzero(slot < 0)[:, 0]
+            slot[new] = torch.arange(rows, rows + new.numel())
+            rows += new.numel()
+            slots[which] = slot
+            maps.append(full_maps[new.to(full_maps.device)].to(x.device))
+            owners.append(new.to(x.device))
+            classes.append(cls[new.to(x.device)])
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            return select_output(ctx.net(batch), selector).float().softmax(dim=1)
+
+        started = time.perf_counter()
+        deletion, insertion = deletion_insertion(
+            predict, x, torch.cat(maps), torch.cat(classes), owner=torch.cat(owners), steps=self.deletion_steps,
+            baseline=0.0, start=blur(x), batch_size=self.batch_size,
+            image_probs=shared.scores.detach().float().softmax(dim=1))
+        seconds = time.perf_counter() - started
+        inner = len(perturbation_counts(x.shape[-2] * x.shape[-1], self.deletion_steps)) - 2
+        images = 2 * n + 2 * inner * rows
+        _log.debug("step %d: deletion / insertion: %d perturbed images in %.2f s", ctx.step, images, seconds)
+        if seconds > SLOW_DELETION_SECONDS:
+            ctx.warn_once("deletion-cost", f"deletion / insertion took {seconds:.1f} s at step {ctx.step} ({images:,} "
+                          f"perturbed images in {-(-images // self.batch_size):,} forward passes); cam_metrics='cheap' "
+                          "leaves them out (and the confidence drop / increase); GradCam(deletion_steps=...) with "
+                          "fewer steps or a larger every['gradcam'] makes them cheaper")
+        return {which: (deletion[slot], insertion[slot]) for which, slot in slots.items()}
 
     @torch.no_grad()
     def _confidence_changes(self, ctx, full) -> dict[tuple[str, str, str], tuple[float, float]]:
@@ -413,29 +506,43 @@ class GradCam(Kind):
 
     def _log_metrics(self, ctx, out, layer, order, computed, size) -> None:
         """Explanation quality per method and target, averaged over the probe, under
-        ``cnnvis/metrics/gradcam/<layer>/<metric>/<method>/<target>`` (see :mod:`cnnvis_tb.kinds.cam_metrics`)."""
+        ``cnnvis/metrics/gradcam/<layer>/<metric>/<method>/<target>``, and the pointing game also per probe image
+        (``.../pointing/<method>/<target>/probe_<i>``); see :mod:`cnnvis_tb.kinds.cam_metrics` and
+        :func:`cnnvis_tb.tags.cam_metric_name`."""
         region = regions(ctx.info.probe.boxes, ctx.info.probe.masks, size)
         for spec in self._specs:
             for key in order:
-                full = computed.full[(layer, spec.name, key)].cpu()
-                name = f"{spec.name}/{key}"
+                which = (layer, spec.name, key)
+                full = computed.full[which].cpu()
+
+                def name(metric: str, probe: int | None = None, method=spec.name, target=key) -> str:
+                    return tags.cam_metric_name(metric, method, target, probe)
+
                 if region is not None:
-                    out.scalar(layer, f"pointing/{name}", pointing(full, region).mean().item())
-                    out.scalar(layer, f"energy/{name}", energy(full, region).mean().item())
-                out.scalar(layer, f"entropy/{name}", entropy(full).mean().item())
-                drop, increase = computed.confidence.get((layer, spec.name, key), (None, None))
+                    hits = pointing(full, region)
+                    out.scalar(layer, name("pointing"), hits.mean().item())
+                    for i, hit in enumerate(hits.tolist()):
+                        out.scalar(layer, name("pointing", i), hit)
+                    out.scalar(layer, name("energy"), energy(full, region).mean().item())
+                    out.scalar(layer, name("iou"), top_iou(full, region).mean().item())
+                out.scalar(layer, name("entropy"), entropy(full).mean().item())
+                drop, increase = computed.confidence.get(which, (None, None))
                 if drop is not None:
-                    out.scalar(layer, f"confidence_drop/{name}", drop)
-                    out.scalar(layer, f"confidence_increase/{name}", increase)
-                previous = self._previous_maps.get((layer, spec.name, key))
+                    out.scalar(layer, name("confidence_drop"), drop)
+                    out.scalar(layer, name("confidence_increase"), increase)
+                if which in computed.deletion:
+                    deletion, insertion = computed.deletion[which]
+                    out.scalar(layer, name("deletion"), deletion.mean().item())
+                    out.scalar(layer, name("insertion"), insertion.mean().item())
+                previous = self._previous_maps.get(which)
                 if previous is not None and previous.shape == full.shape:
-                    out.scalar(layer, f"stability/{name}", spearman(full, previous).mean().item())
-                self._previous_maps[(layer, spec.name, key)] = full
+                    out.scalar(layer, name("stability"), spearman(full, previous).mean().item())
+                self._previous_maps[which] = full
         if len(self._specs) > 1:  # do the methods agree? mean Spearman correlation over pairs of methods
             for key in order:
                 fulls = [self._previous_maps[(layer, spec.name, key)] for spec in self._specs]  # this step's
                 pairs = [spearman(a, b).mean() for i, a in enumerate(fulls) for b in fulls[i + 1:]]
-                out.scalar(layer, f"agreement/{key}", torch.stack(pairs).mean().item())
+                out.scalar(layer, tags.cam_agreement_name(key), torch.stack(pairs).mean().item())
 
     def _scaled(self, which: tuple[str, str, str], computed: CamStep) -> torch.Tensor:
         """One map set ``[N, H, W]`` in ``[0, 1]`` on the kind's colour scale (see :data:`CAM_SCALES`)."""
