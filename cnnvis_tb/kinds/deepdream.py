@@ -351,6 +351,8 @@ class DeepDream(Kind):
     at_step_zero = False
     layer_role = "conv"
     on_by_default = False
+    #: compute optimizes (or hands a snapshot to the kind's own worker); log only draws the images it returned.
+    log_in_background = True
 
     def __init__(
         self,
