@@ -48,6 +48,7 @@ setup(
             "moto[server]>=5",  # an S3-compatible server on 127.0.0.1 for the remote log dir tests
             "timm>=0.9",
             "accelerate>=0.20",
+            "quantus>=0.5",  # its PointingGame anchors our pointing game
         ],
         "timm": ["timm>=0.9"],
         "s3": ["boto3"],

@@ -476,3 +476,33 @@ def test_slow_deletion_insertion_warns_once_with_what_to_do(tmp_path, monkeypatc
             vis.step(0)
             vis.step(1)
     assert sum("deletion / insertion took" in str(w.message) for w in seen) == 1
+
+
+def _quantus():
+    """Quantus (installed by ``.[test]``): under CI it must import, locally its absence skips."""
+    import os
+
+    if os.environ.get("CI") == "true":
+        import quantus
+
+        return quantus
+    return pytest.importorskip("quantus", reason="quantus not installed (pip install -e '.[test]')")
+
+
+def test_pointing_game_equals_quantus_pointing_game():
+    """Quantus' ``PointingGame`` counts a hit when a pixel at the map's maximum lies in the mask; with one maximum
+    per map (continuous random maps) that is our pointing game. Ours breaks ties by the first maximum in row-major
+    order and scores a constant map as a miss (Quantus: a hit whenever the mask is not empty)."""
+    quantus = _quantus()
+    g = torch.Generator().manual_seed(7)
+    maps = torch.rand(64, 12, 10, generator=g)
+    masks = torch.rand(64, 12, 10, generator=g) > 0.7
+    masks[0] = False
+    masks[0, 3, 4] = True
+    maps[0, 3, 4] = 2.0  # one sure hit
+    metric = quantus.PointingGame(disable_warnings=True)
+    theirs = np.asarray(metric.evaluate_batch(a_batch=maps[:, None].numpy(), s_batch=masks[:, None].numpy()),
+                        dtype=float)
+    ours = pointing(maps, masks).numpy()
+    assert theirs[0] == 1.0 and 0 < theirs.mean() < 1
+    assert np.array_equal(ours, theirs)
