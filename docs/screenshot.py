@@ -4,7 +4,7 @@
     python docs/screenshot.py --logdir runs/compare --out docs/tab.png
     python docs/screenshot.py --logdir runs/compare --out docs/trends.png --part trends
     python docs/screenshot.py --logdir runs/compare --out docs/panel.png \
-        --query "?p.cnnvis.kind=gradcam&p.cnnvis.panel=gradcam%2Fpred&p.cnnvis.size=120&p.cnnvis.step=300"
+        --query "?p.cnnvis.kind=gradcam&p.cnnvis.panel=gradcam%2Fpred&p.cnnvis.step=300"   # the default size
 
 Starts TensorBoard on a free localhost port, opens the tab in Debian's headless chromium (through playwright),
 waits until every image on screen has loaded, and saves a 1400×900 screenshot (``--part trends``: of the trends

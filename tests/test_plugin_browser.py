@@ -827,3 +827,23 @@ def test_a_panel_alone_with_its_caption_as_text_and_every_panel_side_by_side(ope
     # Back to whole pictures: nothing cropped, no caption rows.
     panel.select_option("")
     frame.wait_for_function(f"() => ({CROPPED_CELLS})().every((x) => !x.cropped && x.caption.length === 0)")
+
+
+#: Font size, box and overflow of every caption line the tab shows as text.
+CAPTION_LINES = """() => [...document.querySelectorAll('.cv-caption-line')].map((line) => {
+    const box = line.getBoundingClientRect();
+    return {text: line.textContent, font: parseFloat(getComputedStyle(line).fontSize), height: box.height,
+            clipped: line.scrollWidth > line.clientWidth + 0.5 || line.scrollHeight > line.clientHeight + 0.5};
+})"""
+
+
+@pytest.mark.parametrize("panel", ["gradcam/pred", "input"])
+def test_captions_shown_as_text_are_legible_at_the_default_size(open_tab, panel):
+    tab = open_tab(f"?p.cnnvis.kind=gradcam&p.cnnvis.panel={urllib.parse.quote(panel, safe='')}")
+    frame = tab.frame
+    frame.wait_for_function("() => document.querySelectorAll('.cv-grid .cv-caption-line').length > 0")
+    lines = frame.evaluate(CAPTION_LINES)
+    assert lines and all(line["text"] for line in lines)
+    for line in lines:
+        assert line["font"] >= 11 and line["height"] >= 11, line
+        assert not line["clipped"], line
