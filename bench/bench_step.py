@@ -76,7 +76,7 @@ class TrainingRun:
     """
 
     def __init__(self, steps: int, with_vis: bool, train: ShapesDataset, test: ShapesDataset, seed: int = 0,
-                 extra_at_zero: tuple[str, ...] = ()):
+                 extra_at_zero: tuple[str, ...] = (), vis_options: dict | None = None):
         torch.manual_seed(seed)
         self.model = SmallCNN()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -93,7 +93,7 @@ class TrainingRun:
         if with_vis:
             self._timed(lambda: setattr(self, "vis", VisLogger(
                 self.model, self.log_dir.name, probe=test, probe_size=8, mean=train.mean, std=train.std,
-                class_names=CLASSES)))
+                class_names=CLASSES, **(vis_options or {}))))
 
     def _batches(self):
         while True:

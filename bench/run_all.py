@@ -20,7 +20,7 @@ from pathlib import Path
 from benchutil import Row, load_rows, machine, markdown_table
 
 SCRIPTS = ("bench_gradcam.py", "bench_cam.py", "bench_step.py", "bench_actmax.py", "bench_deepdream.py",
-           "bench_metrics.py", "bench_output.py")
+           "bench_metrics.py", "bench_output.py", "bench_async.py")
 HERE = Path(__file__).resolve().parent
 
 

@@ -8,6 +8,7 @@ due kinds' needs (:mod:`cnnvis_tb.probe_pass`), warn-once / ``strict``, and the 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import logging
@@ -120,6 +121,16 @@ class VisLogger:
         graph: log the model's graph once, for TensorBoard's Graphs tab (``SummaryWriter.add_graph``), at the first
             logging step, traced on the first probe image in eval mode under the same guard as the visuals. A model
             whose trace depends on its input (data-dependent control flow) warns once and logs no graph.
+        async_logging: at a logging step of :meth:`step`, the training thread runs only what needs the model (the
+            shared probe pass and every kind's ``compute``: forwards, gradients, perturbation forwards, reads of
+            the parameters) and hands the results, detached, to one worker thread that renders, PNG-encodes,
+            writes and flushes (kinds with ``log_in_background``; a kind of yours without it logs on the
+            training thread). ``False``: everything on the training thread, as in earlier versions.
+            :meth:`log_now` waits for its own step's work, :meth:`close` (and interpreter exit) for all of it.
+            Under ``strict`` a failure on the worker raises at the next :meth:`step`, :meth:`log_now` or
+            :meth:`close`.
+        max_pending: logging steps whose rendering may still run on the worker when :meth:`step` returns; when
+            the worker is that far behind, the next logging step waits for it (a killed run loses at most these).
     """
 
     def __init__(
@@ -153,6 +164,8 @@ class VisLogger:
         probe_masks: torch.Tensor | None = None,
         seed: int = 0,
         graph: bool = False,
+        async_logging: bool = False,
+        max_pending: int = 1,
     ) -> None:
         self._net = unwrap_model(model)
         self._probe_cache: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
@@ -165,13 +178,17 @@ class VisLogger:
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
             actmax_background=actmax_background, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
             cam_scale=cam_scale, cam_metrics=cam_metrics, probe_boxes=probe_boxes, probe_masks=probe_masks,
-            graph=graph,
+            graph=graph, async_logging=async_logging, max_pending=max_pending,
         )
+        self._async, self.max_pending = options.async_logging, options.max_pending
         self._graph_pending = options.graph  # logged at the first logging step
         if (probe_boxes is not None or probe_masks is not None) and not any(
                 getattr(k, "metrics", False) for k in options.kinds):
             raise ValueError("probe_boxes / probe_masks are scored by the gradcam kind's metrics (pointing game, "
                              "energy in the box): add 'gradcam' to kinds and keep cam_metrics=True")
+        if isinstance(cam_metrics, str) and not any(k.name == "gradcam" for k in options.kinds):
+            raise ValueError(f"cam_metrics={cam_metrics!r} asks for the CAM metrics, which the gradcam kind logs, but "
+                             "kinds does not include 'gradcam': add it, or leave cam_metrics out")
         self.strict = bool(strict)
         self.output_selector, self.seed = output_selector, seed
         if writer is not None and log_dir is not None:
@@ -212,6 +229,7 @@ class VisLogger:
         self.num_classes, self.class_names = found["num_classes"], found["class_names"]
         self._traces, self._info = [], None
         self._warned: set[tuple[str, str]] = set()
+        self._warn_lock = threading.Lock()  # before the kinds' setup: it may warn
         self._lock = threading.RLock()
         self._kinds = options.kinds
         for kind in self._kinds:
@@ -246,6 +264,7 @@ class VisLogger:
         self.class_names = class_names
 
         self._warned: set[tuple[str, str]] = set()
+        self._warn_lock = threading.Lock()  # before the kinds' setup: it may warn
         self._lock = threading.RLock()
         self._info = ModelInfo(
             net=self._net, traces=self._traces, probe=self.probe, num_classes=num_classes, mean=self.mean,
@@ -271,10 +290,20 @@ class VisLogger:
             use_fast_checksums()
         self._closed = False
         self._stopped = False  # writing failed: nothing more is logged (training goes on)
+        #: Held around every use of the writer: the worker's logging steps, the training thread's writes and
+        #: flushes, background kinds' outputs (:meth:`_open_output`). Never held while waiting for anything else.
+        self._write_lock = threading.Lock()
+        self._worker = _Worker(self.max_pending) if self._async and self._active else None
+        self._async_error: BaseException | None = None  # a strict failure on the worker, raised at the next call
+        #: ``{kind: seconds}`` the worker spent rendering and writing each kind of the latest logging step it
+        #: finished (asynchronous logging only; :attr:`last_times` is the training thread's share).
+        self.last_worker_times: dict[str, float] = {}
         self._warned_closed = False
         self._table_logged = False
         self._last_logged: dict[str, int] = {}
-        #: ``{kind: seconds}`` of the latest logging step, for the kinds it logged (progress bars show it).
+        #: ``{kind: seconds}`` of the latest logging step, for the kinds it logged (progress bars show it): the time
+        #: the training thread spent on each (with ``async_logging`` its ``compute``, and ``log`` of the kinds that
+        #: log on the training thread; see :attr:`last_worker_times`).
         self.last_times: dict[str, float] = {}
         _open_loggers.add(self)
 
@@ -351,24 +380,31 @@ class VisLogger:
                               "close the VisLogger after the training loop (or use `with VisLogger(...) as vis:`)",
                               RuntimeWarning, stacklevel=2)
             return False
+        if self._async_error is not None:
+            self._raise_async_error()
         if self._sharded.stopped if self._sharded is not None else (not self._active or self._stopped):
             return False
         due = due_kinds(self._kinds, global_step, self._last_logged)
         if not due:
             return False
-        return self.log_now(global_step, [k.name for k in due])
+        return self._log_now(global_step, [k.name for k in due], wait=False)
 
     def log_now(self, global_step: int, kinds: Iterable[str] | str | None = None) -> bool:
         """Log ``kinds`` (names of logged kinds; default: all of them) at ``global_step`` now, whatever the
         schedule says.
 
         A failing kind warns once (or raises with ``strict=True``) and the others still log; the events of
-        this step are flushed to disk before returning.
+        this step are flushed to disk before returning (with ``async_logging`` too: it waits for the worker).
         """
+        return self._log_now(global_step, kinds, wait=True)
+
+    def _log_now(self, global_step: int, kinds: Iterable[str] | str | None, wait: bool) -> bool:
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         if self._closed:
             raise RuntimeError("this VisLogger is closed")
+        if self._async_error is not None:
+            self._raise_async_error()
         if kinds is None:
             chosen = list(self._kinds)
         else:
@@ -378,27 +414,84 @@ class VisLogger:
                     raise self._not_logged(name)
             chosen = [k for k in self._kinds if k.name in names]
         if self._sharded is not None:
-            return self._log_sharded(global_step, chosen)
+            return self._log_sharded(global_step, chosen, wait)
         if not self._active or self._stopped:
             return False
-        return self._log_and_flush(global_step, chosen)
+        return self._log_and_flush(global_step, chosen, wait)
 
-    def _log_and_flush(self, global_step: int, chosen: list[Kind]) -> bool:
+    def _log_and_flush(self, global_step: int, chosen: list[Kind], wait: bool = True) -> bool:
         with self._lock:
+            if self._worker is not None:
+                # Bounded: with max_pending steps still on the worker, this step waits for the oldest (before its
+                # own compute, so a kind's compute and the previous step's log of it never overlap).
+                self._worker.wait_for_slot()
+                if self._async_error is not None:
+                    self._raise_async_error()
+                if self._stopped:
+                    return False
             self.last_times = {}
+            later: list[tuple[Kind, object]] = []  # (kind, what its compute returned) for the worker
+            ctx: list[StepContext] = []
+            wrote = True  # unless _log says otherwise (it may raise under strict after writing)
             try:
-                self._log(global_step, chosen)
+                wrote = self._log(global_step, chosen, later, ctx)
             finally:
                 for kind in chosen:
                     self._last_logged[kind.name] = global_step
-                if self._writer is not None and not self._stopped:
-                    try:
-                        self._writer.flush()
-                    except Exception as e:
-                        self._write_failed(e)
+                if self._writer is not None and not self._stopped and (self._worker is None or wrote):
+                    with self._write_lock:
+                        try:
+                            self._writer.flush()
+                        except Exception as e:
+                            self._write_failed(e)
+                if later and not self._stopped:  # also when a kind raised under strict: the others still log
+                    self._worker.submit(functools.partial(self._log_later, _detached(ctx[0]), later))
+            if wait and self._worker is not None:
+                self._worker.wait()
+                if self._async_error is not None:
+                    self._raise_async_error()
         return not self._stopped
 
-    def _log_sharded(self, step: int, chosen: list[Kind]) -> bool:
+    def _log_later(self, ctx: StepContext, later: list[tuple[Kind, object]]) -> None:
+        """On the worker: each kind's ``log`` of one logging step (rendering, encoding, writing), then the flush. A
+        failure warns once (as on the training thread); under ``strict`` it is kept and raised at the next call."""
+        times: dict[str, float] = {}
+        try:
+            with self._write_lock, single_threaded():
+                try:
+                    for kind, computed in later:
+                        if self._stopped:
+                            break
+                        start = time.perf_counter()
+                        self._guarded(kind.name, ctx.step, lambda k=kind, c=computed: self._written(k, ctx, c))
+                        seconds = times[kind.name] = time.perf_counter() - start
+                        if seconds >= SLOW_KIND_SECONDS:
+                            log.info("step %d: %s took %.1f s to render and write", ctx.step, kind.name, seconds)
+                finally:
+                    if not self._stopped:
+                        try:
+                            self._writer.flush()
+                        except Exception as e:
+                            self._write_failed(e)
+        except Exception as e:  # strict (warned and swallowed otherwise)
+            if self._async_error is None:
+                self._async_error = e
+        finally:
+            self.last_worker_times = times
+
+    def _raise_async_error(self) -> None:
+        error, self._async_error = self._async_error, None
+        raise error
+
+    def wait(self) -> None:
+        """Wait until the worker has written and flushed every logging step handed to it (asynchronous logging;
+        returns at once otherwise). Under ``strict`` a failure there raises here."""
+        if self._worker is not None:
+            self._worker.wait()
+        if self._async_error is not None:
+            self._raise_async_error()
+
+    def _log_sharded(self, step: int, chosen: list[Kind], wait: bool = True) -> bool:
         """One logging step of a sharded model, on every rank: the gather (a collective), rank 0's logging on its
         copy (no collective), rank 0's outcome on every rank (a collective). See :mod:`cnnvis_tb.distributed`."""
         sharded = self._sharded
@@ -413,7 +506,7 @@ class VisLogger:
                     if copied is not None:  # nothing to look at: warned once (raised under strict) like a visual
                         self._guarded("model copy", step, lambda: _reraise(copied))
                     else:
-                        logged = self._log_and_flush(step, chosen)
+                        logged = self._log_and_flush(step, chosen, wait)
                 except BaseException as e:
                     failure = e
             for kind in chosen:
@@ -435,6 +528,10 @@ class VisLogger:
             return
         self._closed = True
         try:
+            worker = getattr(self, "_worker", None)
+            if worker is not None:
+                with contextlib.suppress(Exception):
+                    worker.stop()  # after the logging steps handed to it are written
             for kind in self._kinds:
                 with contextlib.suppress(Exception):
                     kind.close()
@@ -442,16 +539,19 @@ class VisLogger:
             _open_loggers.discard(self)
             if self._writer is not None:
                 try:  # never raises: a failed write was warned about (or raised, under strict) at its step
-                    if self._owns_writer:
-                        self._writer.close()
-                    elif getattr(self._writer, "all_writers", None) is not None:
-                        self._writer.flush()
+                    with self._write_lock:
+                        if self._owns_writer:
+                            self._writer.close()
+                        elif getattr(self._writer, "all_writers", None) is not None:
+                            self._writer.flush()
                 except Exception as e:
                     if not self._stopped:
                         self._stopped = True
                         warnings.warn(f"cnnvis_tb: closing the event writer of {self._where()} failed "
                                       f"({type(e).__name__}: {e}); events written before stay readable",
                                       RuntimeWarning, stacklevel=2)
+        if getattr(self, "_async_error", None) is not None:  # strict: a failure on the worker since the last call
+            self._raise_async_error()
 
     def __enter__(self) -> VisLogger:
         return self
@@ -493,8 +593,10 @@ class VisLogger:
             if self.strict:
                 raise
             key = (what, type(e).__name__)
-            if key not in self._warned:
+            with self._warn_lock:
+                first = key not in self._warned
                 self._warned.add(key)
+            if first:
                 warnings.warn(
                     f"cnnvis_tb: the {what} visual failed at step {step} and is skipped "
                     f"({type(e).__name__}: {e}); training continues. Pass strict=True to raise instead.",
@@ -504,37 +606,56 @@ class VisLogger:
             return failed
 
     def _warn_once(self, key: str, message: str) -> None:
-        if ("note", key) not in self._warned:
+        with self._warn_lock:
+            first = ("note", key) not in self._warned
             self._warned.add(("note", key))
+        if first:
             warnings.warn(f"cnnvis_tb: {message}", RuntimeWarning, stacklevel=5)
 
-    def _log(self, step: int, kinds: list[Kind]) -> None:
+    def _log(self, step: int, kinds: list[Kind], later: list[tuple[Kind, object]],
+             context: list[StepContext]) -> bool:
+        """One logging step on the training thread: the tables, the shared pass and every kind's ``compute``, then
+        its ``log``, or, with asynchronous logging and a kind that allows it, ``(kind, computed)`` appended to
+        ``later`` for the worker (the step's context appended to ``context``). Returns whether it wrote."""
+        wrote = False
         with preserved(self._net):
-            if not self._table_logged:
-                self._guarded("summary", step, lambda: self._log_tables(step))
-                self._table_logged = True
-            if self._graph_pending:
-                self._graph_pending = False
-                self._guarded("graph", step, lambda: _add_graph(self.writer, self._net, self._probe_tensor()[:1]))
+            if not self._table_logged or self._graph_pending:
+                self.writer  # noqa: B018  (created here, on the training thread)
+                with self._write_lock:
+                    wrote = True
+                    if not self._table_logged:
+                        self._guarded("summary", step, lambda: self._log_tables(step))
+                        self._table_logged = True
+                    if self._graph_pending:
+                        self._graph_pending = False
+                        self._guarded("graph", step,
+                                      lambda: _add_graph(self.writer, self._net, self._probe_tensor()[:1]))
             needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in kinds), Needs())
             shared = None
             if needs.forward:
                 shared = self._guarded("probe", step, lambda: self._probe_pass(needs))
             ctx = StepContext(step=step, info=self._info, inputs=self._probe_tensor(), shared=shared)
+            context.append(ctx)
             for kind in kinds:
                 if self._stopped:
-                    return
+                    return wrote
                 if shared is None and kind.needs().forward:  # the shared pass failed, and said so
                     continue
                 # Network work with every thread; the rest renders small pictures, on one.
                 start = time.perf_counter()
                 computed = self._guarded(kind.name, step, lambda k=kind: k.compute(ctx), failed=_FAILED)
                 if computed is not _FAILED:
-                    with single_threaded():
-                        self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
+                    if self._worker is not None and kind.log_in_background:
+                        self.writer  # noqa: B018  (created on the training thread, used on the worker)
+                        later.append((kind, computed))
+                    else:
+                        wrote = True
+                        with self._write_lock, single_threaded():
+                            self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
                 seconds = self.last_times[kind.name] = time.perf_counter() - start
                 if seconds >= SLOW_KIND_SECONDS:
                     log.info("step %d: %s took %.1f s", step, kind.name, seconds)
+        return wrote
 
     def _probe_pass(self, needs: Needs) -> ProbePass:
         record = run_probe_pass(self._net, self._probe_tensor(), needs, self.probe.labels, self.output_selector)
@@ -553,9 +674,10 @@ class VisLogger:
 
     @contextlib.contextmanager
     def _open_output(self, kind: Kind, step: int) -> Iterator[Output]:
-        """An :class:`Output` for work a kind finishes later on a thread of its own: written under the lock and
-        flushed to disk on exit."""
-        with self._lock:
+        """An :class:`Output` for work a kind finishes later on a thread of its own: written under the writer's lock
+        (so never at the same time as a logging step's writes, on the training thread or the worker) and flushed
+        to disk on exit."""
+        with self._write_lock:
             out = Output(kind.name, self.writer, step)
             try:
                 yield out
@@ -595,6 +717,109 @@ def _add_graph(writer, net: nn.Module, inputs: torch.Tensor) -> None:
 
 def _reraise(error: BaseException) -> None:
     raise error
+
+
+def _detached(ctx: StepContext) -> StepContext:
+    """The context a kind's ``log`` gets on the worker: the same step, model info and probe, and the shared pass
+    without its autograd graph (every tensor detached; they are the pass's own outputs, which no training step
+    writes into). Kinds copy in ``compute`` what the training loop may change in place (parameters, gradients)."""
+    shared = ctx.shared
+    if shared is not None:
+        def d(t):
+            return t.detach() if isinstance(t, torch.Tensor) else t
+
+        shared = ProbePass(
+            scores=d(shared.scores), inputs=d(shared.inputs), targets={k: d(v) for k, v in shared.targets.items()},
+            activations={k: d(v) for k, v in shared.activations.items()},
+            graph_activations={k: d(v) for k, v in shared.graph_activations.items()},
+            own_activations={k: d(v) for k, v in shared.own_activations.items()},
+            grads={key: {k: d(v) for k, v in grads.items()} for key, grads in shared.grads.items()})
+    return StepContext(step=ctx.step, info=ctx.info, inputs=ctx.inputs.detach(), shared=shared, _shown=ctx._shown)
+
+
+class _Worker:
+    """The one background thread of asynchronous logging: runs the logging steps handed to it (their rendering,
+    encoding and writing) one after the other, in order. At most ``max_pending`` are in flight (handed over and not
+    finished): :meth:`submit` waits for the oldest to finish when there are that many."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        #: How many times :meth:`submit` had to wait for the worker (it was ``max_pending`` steps behind).
+        self.waits = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._pending = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def _check_fork(self) -> None:
+        """A forked child has none of its parent's threads: its copy of the queue would wait forever."""
+        if os.getpid() != self._pid:
+            self._reset()
+
+    @property
+    def pending(self) -> int:
+        """Logging steps handed over and not finished."""
+        return self._pending
+
+    def wait_for_slot(self) -> None:
+        """Until fewer than ``max_pending`` jobs are in flight (counted in :attr:`waits` when it had to wait)."""
+        self._check_fork()
+        with self._cond:
+            if self._pending >= self.max_pending:
+                self.waits += 1
+                while self._pending >= self.max_pending:
+                    self._cond.wait()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Hand ``job`` over; waits first for a slot (the logger waited already, see :meth:`wait_for_slot`)."""
+        self.wait_for_slot()
+        with self._cond:
+            self._pending += 1
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cnnvis-log", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until every job handed over has finished."""
+        self._check_fork()
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def stop(self) -> None:
+        """Wait for the jobs, then end the thread."""
+        self.wait()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                job()
+            except BaseException:  # the job reports its own failures; this is a bug of ours, never the run's end
+                log.exception("cnnvis_tb: the logging worker failed")
+            finally:
+                del job
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
 
 
 #: A log dir naming a store rather than a local folder: ``s3://``, ``gs://`` or any fsspec protocol.
@@ -660,3 +885,18 @@ def _close_open_loggers() -> None:
     for vis in list(_open_loggers):
         with contextlib.suppress(Exception):
             vis.close()
+
+
+def _drain_open_loggers() -> None:
+    """At the end of the main thread, before ``concurrent.futures`` stops its pools (the PNG encoders): the logging
+    steps still queued for the workers are written. (Threading's exit hooks run in reverse order of registration,
+    and the pools' hook was registered when :mod:`cnnvis_tb.events` was imported, before this one.)"""
+    for vis in list(_open_loggers):
+        worker = getattr(vis, "_worker", None)
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                worker.wait()
+
+
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_drain_open_loggers)

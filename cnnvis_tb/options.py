@@ -13,7 +13,7 @@ from cnnvis_tb.kinds.base import Kind, positive_int
 from cnnvis_tb.probe import Probe, check_annotations, load_probe
 from cnnvis_tb.schedule import apply_every, resolve_kinds
 
-__all__ = ["CheckedOptions", "check_options"]
+__all__ = ["CheckedOptions", "check_options", "check_async"]
 
 
 def _norm(values, name: str, channels: int) -> tuple[float, ...] | None:
@@ -37,6 +37,8 @@ class CheckedOptions:
     std: tuple[float, ...] | None
     class_names: list[str] | None
     graph: bool = False
+    async_logging: bool = False
+    max_pending: int = 1
 
 
 def check_options(
@@ -63,6 +65,8 @@ def check_options(
     probe_boxes: object = None,
     probe_masks: object = None,
     graph: bool = False,
+    async_logging: bool = False,
+    max_pending: int = 1,
 ) -> CheckedOptions:
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     kind_options = dict(top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
@@ -72,6 +76,7 @@ def check_options(
     checked_kinds = resolve_kinds(kinds, kind_options)
     apply_every(every, checked_kinds)
     positive_int("probe_size", probe_size)
+    check_async(async_logging, max_pending)
     if not isinstance(graph, bool):
         raise TypeError(f"graph must be True or False (log the model's graph once, for TensorBoard's Graphs tab), "
                         f"got {graph!r}")
@@ -89,4 +94,17 @@ def check_options(
         std=_norm(std, "std", channels),
         class_names=None if class_names is None else [str(c) for c in class_names],
         graph=graph,
+        async_logging=async_logging,
+        max_pending=max_pending,
     )
+
+
+def check_async(async_logging: object, max_pending: object) -> None:
+    """``async_logging`` must be a bool and ``max_pending`` a positive int (logging steps in flight)."""
+    if not isinstance(async_logging, bool):
+        raise TypeError("async_logging must be True (the training thread runs the model work of a logging step, a "
+                        "worker thread renders and writes) or False (everything on the training thread), got "
+                        f"{async_logging!r}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise ValueError("max_pending must be a positive int (logging steps whose rendering and writing may still "
+                         f"run on the worker when the next one starts), got {max_pending!r}")

@@ -130,6 +130,7 @@ def test_masks_work_like_boxes(tmp_path):
     ({"probe_boxes": [[0, 0, 4], [0, 0, 2]]}, r"probe_boxes must be \[N, 4\]"),
     ({"probe_masks": torch.zeros(2, 8, 8, dtype=torch.bool)}, r"probe_masks must be \[N, H, W\] = \[2, 16, 16\]"),
     ({"probe_boxes": [[0, 0, 4, 4], [0, 0, 2, 2]], "kinds": ["kernels"]}, r"add 'gradcam' to kinds"),
+    ({"cam_metrics": "cheap", "kinds": ["features"]}, r"cam_metrics='cheap' asks for the CAM metrics.*add it"),
 ])
 def test_bad_annotations_fail_in_the_constructor(tmp_path, kwargs, match):
     probe, labels = make_batch(0, n=2)

@@ -22,7 +22,7 @@ from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 STEPS = 50
 
 
-def _train(log_dir=None, *, call_between=False):
+def _train(log_dir=None, *, call_between=False, async_logging=False):
     """Train TinyCNN for STEPS steps with dropout and BN; optionally log every kind at every step."""
     torch.manual_seed(1234)
     model = TinyCNN()
@@ -36,7 +36,8 @@ def _train(log_dir=None, *, call_between=False):
                         strict=True, actmax_steps=2, actmax_channels=2,
                         saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS), cam_metrics="all",
                         probe_boxes=[[2, 2, 10, 12]] * len(labels),  # every metric on, the costly ones too
-                        graph=True)  # and the model's graph, traced at the first step
+                        graph=True,  # and the model's graph, traced at the first step
+                        async_logging=async_logging)
     for step in range(STEPS):
         x, y = make_batch(step)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -64,10 +65,11 @@ def _assert_same_state(a, b):
     assert torch.equal(rng_a, rng_b), "global RNG state differs"
 
 
-@pytest.mark.parametrize("call_between", [False, True], ids=["after-step", "between-backward-and-step"])
-def test_training_is_bit_identical_with_every_kind_at_every_step(tmp_path, call_between):
+@pytest.mark.parametrize(("call_between", "async_logging"), [(False, False), (True, False), (True, True)],
+                         ids=["after-step", "between-backward-and-step", "between-backward-and-step-async"])
+def test_training_is_bit_identical_with_every_kind_at_every_step(tmp_path, call_between, async_logging):
     reference = _train()
-    logged = _train(tmp_path / "run", call_between=call_between)
+    logged = _train(tmp_path / "run", call_between=call_between, async_logging=async_logging)
     _assert_same_state(reference, logged)
     acc = read_events(tmp_path / "run")
     assert len(acc.Images(acc.Tags()["images"][0])) == STEPS  # it really logged at every step

@@ -378,6 +378,8 @@ class ActMax(Kind):
     name, label, every = "actmax", "Activation max.", 1000
     #: On the random weights of step 0 it shows nothing learned, and it is the costliest kind.
     at_step_zero = False
+    #: compute optimizes (or hands a snapshot to the kind's own worker); log only draws the images it returned.
+    log_in_background = True
 
     def __init__(self, *, channels: int | Mapping[str, Sequence[int]] = 8, steps: int = DEFAULT_STEPS,
                  background: bool = False, every: int | None = None, layers=None) -> None:

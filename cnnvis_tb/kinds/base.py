@@ -10,7 +10,13 @@ A kind says what the logger needs to know about it and nothing else lives in :cl
   with respect to layers or to the input, for the true and predicted class);
 * :meth:`Kind.setup`: checks against the model, run in ``VisLogger(...)`` so bad input fails before training;
 * :meth:`Kind.compute` (network work, all threads) and :meth:`Kind.log` (rendering and writing, through the
-  :class:`Output` handed to it); :meth:`Kind.close`.
+  :class:`Output` handed to it); :meth:`Kind.close`;
+* ``log_in_background``: whether :meth:`Kind.log` may run on the logger's worker thread (asynchronous logging,
+  ``VisLogger(async_logging=True)``) while training goes on. Only a kind whose ``log`` reads nothing the training
+  loop changes may say so: no call of the model, no parameter, gradient or buffer (read those in ``compute`` and
+  return copies), no global RNG. ``ctx.shared`` it gets there is a detached copy of the probe pass (no autograd
+  graph); ``ctx.net`` may still be looked at for its module names. Default False: a user's kind logs on the
+  training thread unless it opts in; every built-in kind opts in.
 
 The logger runs both under its safety guard (eval mode, RNG, flags and hooks restored), on its schedule, with
 warn-once / ``strict`` and a flush after each logging step, for built-in and user kinds alike.
@@ -257,6 +263,9 @@ class Kind:
     follows_layer_list: ClassVar[bool] = True
     #: Built-in kinds only: whether ``VisLogger`` logs it when ``kinds`` is not given.
     on_by_default: ClassVar[bool] = True
+    #: Whether :meth:`log` may run on the logger's background worker under ``VisLogger(async_logging=True)``
+    #: (see the module docs for what such a ``log`` must not read). False: it runs on the training thread.
+    log_in_background: ClassVar[bool] = False
 
     def __init__(self, *, every: int | None = None, layers: Sequence[str] | str | None = None) -> None:
         #: Whether the interval was given here (then ``VisLogger(every=<int>)`` does not override it).
@@ -335,13 +344,22 @@ class Kind:
         """The kind's layers still in ``net``; after them, a ``LookupError`` naming any that are gone, so one
         removed layer does not stop the others from logging."""
         modules = dict(net.named_modules())
-        present = [n for n in self.layers if n in modules]
-        for name in present:
+        for name in self.each_present([n for n in self.layers if n in modules]):
             yield name, modules[name]
-        if len(present) < len(self.layers):
+
+    def present_layers(self, net: nn.Module) -> list[str]:
+        """The kind's layers still in ``net`` (for :meth:`compute`; :meth:`each_present` walks them in ``log``)."""
+        modules = dict(net.named_modules())
+        return [n for n in self.layers if n in modules]
+
+    def each_present(self, present: Sequence[str]) -> Iterator[str]:
+        """``present`` (from :meth:`present_layers`), then a ``LookupError`` naming the kind's layers not in it."""
+        yield from present
+        missing = [n for n in self.layers if n not in present]
+        if missing:
             raise LookupError(
-                f"layers {[n for n in self.layers if n not in modules]} are no longer in the model (removed or "
-                "renamed after VisLogger was created); create a new VisLogger for the changed model"
+                f"layers {missing} are no longer in the model (removed or renamed after VisLogger was created); "
+                "create a new VisLogger for the changed model"
             )
 
     def __repr__(self) -> str:

@@ -105,6 +105,7 @@ class Features(Kind):
     channels (``cnnvis/features/<layer>/probe_<i>``), from the shared forward pass."""
 
     name, label, every = "features", "Feature maps", 200
+    log_in_background = True  # log reads the probe pass's detached activations only
 
     def __init__(self, *, top_k: int = 8, every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
@@ -117,8 +118,11 @@ class Features(Kind):
     def needs(self) -> Needs:
         return Needs(activations=tuple(self.layers))
 
-    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
-        for layer, _ in self.each_layer(ctx.net):
+    def compute(self, ctx: StepContext) -> list[str]:
+        return self.present_layers(ctx.net)
+
+    def log(self, ctx: StepContext, out: Output, computed: list[str]) -> None:
+        for layer in self.each_present(computed):
             acts = ctx.shared.activations.get(layer)
             if acts is None:
                 raise RuntimeError(f"layer {layer!r} did not run in the forward pass")

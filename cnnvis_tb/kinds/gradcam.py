@@ -280,6 +280,9 @@ class GradCam(Kind):
     """
 
     name, label, every = "gradcam", "Grad-CAM", 200
+    #: log calls no model and reads no parameter (maps, confidence and deletion / insertion come from compute; log
+    #: reads the probe pass's detached copies and the kind's own state), so it may run on the async worker.
+    log_in_background = True
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
     def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",

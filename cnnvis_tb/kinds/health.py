@@ -43,6 +43,7 @@ class Health(Kind):
     """The ``health`` kind (scalars only, see the module docs)."""
 
     name, label, every = "health", "Training health", 100
+    log_in_background = True  # compute reads the parameters; log only the probe pass's detached copies
 
     def default_layers(self, info: ModelInfo) -> list[str]:
         modules = dict(info.net.named_modules())
@@ -64,9 +65,32 @@ class Health(Kind):
     def needs(self) -> Needs:
         return Needs(activations=tuple(self.layers), scores=True)
 
-    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
+    @torch.no_grad()
+    def compute(self, ctx: StepContext) -> tuple[list[str], dict[str, dict[str, float]]]:
+        """What needs the parameters, read now (the next optimizer step changes them in place): the activation
+        layers still in the model and, per weight layer, ``weight_norm``, ``grad_norm`` and ``update_ratio``."""
+        present = self.present_layers(ctx.net)
+        modules = dict(ctx.net.named_modules())
+        weights: dict[str, dict[str, float]] = {}
+        for layer in self.weight_layers:
+            weight = getattr(modules.get(layer), "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            w = weight.detach()
+            values = weights[layer] = {"weight_norm": w.float().norm().item()}
+            if weight.grad is not None:
+                values["grad_norm"] = weight.grad.detach().float().norm().item()
+            before = self._previous.get(layer)
+            if before is not None and before.shape == w.shape:
+                values["update_ratio"] = ((w.float() - before.float()).norm()
+                                          / before.float().norm().clamp_min(1e-12)).item()
+            self._previous[layer] = w.clone()
+        return present, weights
+
+    def log(self, ctx: StepContext, out: Output, computed) -> None:
         shared = ctx.shared
-        for layer, _ in self.each_layer(ctx.net):
+        present, weights = computed
+        for layer in self.each_present(present):
             acts = shared.activations.get(layer)
             if acts is None:
                 raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
@@ -76,21 +100,9 @@ class Health(Kind):
                 out.scalar(layer, "dead_fraction", (per_channel.amax(dim=1) <= 0).float().mean().item())
             out.scalar(layer, "act_mean", a.mean().item())
             out.scalar(layer, "act_std", a.std().item() if a.numel() > 1 else 0.0)
-        modules = dict(ctx.net.named_modules())
-        for layer in self.weight_layers:
-            weight = getattr(modules.get(layer), "weight", None)
-            if not isinstance(weight, torch.Tensor):
-                continue
-            w = weight.detach()
-            norm = w.float().norm()
-            out.scalar(layer, "weight_norm", norm.item())
-            if weight.grad is not None:
-                out.scalar(layer, "grad_norm", weight.grad.detach().float().norm().item())
-            before = self._previous.get(layer)
-            if before is not None and before.shape == w.shape:
-                out.scalar(layer, "update_ratio", ((w.float() - before.float()).norm()
-                                                   / before.float().norm().clamp_min(1e-12)).item())
-            self._previous[layer] = w.clone()
+        for layer, values in weights.items():
+            for metric, value in values.items():
+                out.scalar(layer, metric, value)
         if "true" in shared.targets:
             true = shared.targets["true"].cpu()
             probs = shared.probabilities

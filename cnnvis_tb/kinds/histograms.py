@@ -8,7 +8,7 @@ from torch import nn
 from cnnvis_tb import tags
 from cnnvis_tb.kinds.base import Kind, Output, StepContext
 
-__all__ = ["histogram", "log_histograms", "Histograms"]
+__all__ = ["histogram", "log_histograms", "parameter_histograms", "write_histograms", "Histograms"]
 
 
 @torch.no_grad()
@@ -45,6 +45,15 @@ def log_histograms(writer, model: nn.Module, step: int, bins: int = 64) -> dict[
 
     Returns ``{tag: number of non-finite values skipped}`` for the tensors that had any.
     """
+    summaries, skipped = parameter_histograms(model, bins)
+    write_histograms(writer, summaries, step)
+    return skipped
+
+
+def parameter_histograms(model: nn.Module, bins: int = 64) -> tuple[list[tuple[str, dict]], dict[str, int]]:
+    """The histograms :func:`log_histograms` writes, as ``[(tag, add_histogram_raw arguments)]``, and
+    ``{tag: non-finite values skipped}``: numbers only, so they can be written later (the model may have changed)."""
+    summaries: list[tuple[str, dict]] = []
     skipped: dict[str, int] = {}
     for name, param in model.named_parameters():
         for view, tensor in (("weight", param), ("grad", param.grad)):
@@ -58,8 +67,14 @@ def log_histograms(writer, model: nn.Module, step: int, bins: int = 64) -> dict[
             nonfinite = summary.pop("nonfinite")
             if nonfinite:
                 skipped[tag] = nonfinite
-            writer.add_histogram_raw(tag, global_step=step, **summary)
-    return skipped
+            summaries.append((tag, summary))
+    return summaries, skipped
+
+
+def write_histograms(writer, summaries: list[tuple[str, dict]], step: int) -> None:
+    """Write what :func:`parameter_histograms` returned, at ``step``."""
+    for tag, summary in summaries:
+        writer.add_histogram_raw(tag, global_step=step, **summary)
 
 
 class Histograms(Kind):
@@ -68,8 +83,13 @@ class Histograms(Kind):
 
     name, label, every = "histograms", "Histograms", 100
     layer_role = None
+    log_in_background = True  # compute bins the parameters (on their device); log writes the counts
 
-    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
-        skipped = log_histograms(out.writer, ctx.net, ctx.step)
+    def compute(self, ctx: StepContext) -> tuple[list[tuple[str, dict]], dict[str, int]]:
+        return parameter_histograms(ctx.net)
+
+    def log(self, ctx: StepContext, out: Output, computed) -> None:
+        summaries, skipped = computed
+        write_histograms(out.writer, summaries, ctx.step)
         for tag, count in skipped.items():
             ctx.warn_once(f"hist-{tag}", f"{count} non-finite values left out of the histogram {tag}")

@@ -132,6 +132,7 @@ class Kernels(Kind):
 
     name, label, every = "kernels", "Kernels", 100
     layer_role = "conv"
+    log_in_background = True  # log draws the copies compute took
 
     def __init__(self, *, max_kernels: int = 64, every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
@@ -142,9 +143,30 @@ class Kernels(Kind):
     def from_options(cls, options):
         return cls(max_kernels=options.get("max_kernels", 64))
 
-    def log(self, ctx: StepContext, out: Output, computed: object) -> None:
-        for layer, module in self.each_layer(ctx.net):
-            grid = render_kernels(getattr(module, "weight", None), max_kernels=self.max_kernels)
+    @torch.no_grad()
+    def compute(self, ctx: StepContext) -> tuple[list[str], dict[str, tuple[object, tuple[int, int] | None]]]:
+        """The layers still in the model and a copy of the part of each weight a grid shows (the next optimizer step
+        changes the weights in place), with the weight's ``(out, in)`` kernel counts."""
+        modules = dict(ctx.net.named_modules())
+        present = self.present_layers(ctx.net)
+        weights: dict[str, tuple[object, tuple[int, int] | None]] = {}
+        for layer in present:
+            weight = getattr(modules[layer], "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+                total_out, total_in = weight.shape[:2]
+                shown_in = total_in if total_in == 3 else min(total_in, 16)
+                weights[layer] = (weight.detach()[: self.max_kernels, :shown_in].clone(), (total_out, total_in))
+            else:  # render_kernels names what is wrong with it
+                weights[layer] = (weight.detach().clone() if isinstance(weight, torch.Tensor) else weight, None)
+        return present, weights
+
+    def log(self, ctx: StepContext, out: Output, computed) -> None:
+        present, weights = computed
+        for layer in self.each_present(present):
+            weight, totals = weights[layer]
+            grid = render_kernels(weight, max_kernels=self.max_kernels)
+            if totals is not None:
+                grid.total_out, grid.total_in = totals
             if grid.nonfinite:
                 ctx.warn_once(f"nonfinite-kernels-{layer}", f"{grid.nonfinite} weights of {layer!r} are NaN or inf")
             out.image(layer, "grid", grid.pixels)

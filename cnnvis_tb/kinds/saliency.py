@@ -285,6 +285,7 @@ class Saliency(Kind):
     failing method warns once and the others are shown)."""
 
     name, label, every = "saliency", "Saliency", 200
+    log_in_background = True  # compute returns the maps; log draws them
     layer_role = None
     on_by_default = False
 

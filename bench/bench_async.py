@@ -1,0 +1,134 @@
+"""Asynchronous logging: what a logging step blocks the training thread for, and a whole run, async on and off.
+
+(a) Training-thread blocking time of one logging step with features + Grad-CAM (default CAM methods, Grad-CAM and
+    Grad-CAM++, default metrics, and with ``cam_metrics="cheap"``), ``vis.step(s)`` with ``async_logging`` off and
+    on, as a multiple of the shared probe pass alone (the one forward and ``autograd.grad`` those kinds need), on
+    the demo CNN (8-image 32 px probe) and ResNet-18 (8 × 224²). Interleaved round by round; with async on the
+    worker's time is waited for outside the timed call (and reported apart).
+(b) Whole-run overhead at the default schedule on the demo training (as ``bench_step.py`` (b)): runs without the
+    logger, with it synchronous and with it asynchronous advance in lockstep, step by step, order rotating.
+
+    python bench/bench_async.py [--quick]
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+
+import torch
+import torchvision
+from bench_step import TrainingRun
+from benchutil import Row, check, finish, info, parse_args, shapes_probe
+
+from cnnvis_tb import VisLogger
+from cnnvis_tb.demo import MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.kinds import Needs
+from cnnvis_tb.safety import preserved
+
+KINDS = ["features", "gradcam"]
+
+
+def blocking(name: str, model: torch.nn.Module, size: int, rounds: int, all_metrics: bool = True) -> list[Row]:
+    """(a) for one model; ``all_metrics``: also with the default ``cam_metrics`` (deletion / insertion run
+    ``2·(steps − 1)`` perturbed forwards per map on the training thread: about a minute per step on ResNet-18 224 px
+    on 2 busy cores, so that model is timed with ``cam_metrics="cheap"`` only)."""
+    images, labels = shapes_probe(8, size)
+    dirs = [tempfile.TemporaryDirectory(prefix="bench_async_") for _ in range(4)]
+    common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, kinds=KINDS, every=1, strict=True)
+    loggers = {
+        "sync, cheap metrics": VisLogger(model, dirs[2].name, cam_metrics="cheap", **common),
+        "async, cheap metrics": VisLogger(model, dirs[3].name, cam_metrics="cheap", async_logging=True, **common),
+    }
+    if all_metrics:
+        loggers["sync"] = VisLogger(model, dirs[0].name, **common)
+        loggers["async"] = VisLogger(model, dirs[1].name, async_logging=True, **common)
+    ref = loggers["sync, cheap metrics"]
+    needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in ref._kinds), Needs())
+
+    def probe_pass() -> None:
+        with preserved(ref._net):
+            ref._probe_pass(needs)
+
+    step = iter(range(1 << 30))
+    for vis in loggers.values():  # first-call costs (writer, tables) out of the way
+        vis.step(next(step))
+        vis.wait()
+    fns = {"probe pass": probe_pass, **{k: (lambda v=v: v.step(next(step))) for k, v in loggers.items()}}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    worker: dict[str, list[float]] = {k: [] for k in loggers if k.startswith("async")}
+    names = list(fns)
+    for r in range(rounds):
+        for key in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[key]()
+            times[key].append(time.perf_counter() - start)
+            if key in worker:  # the worker's share, outside the timed call
+                loggers[key].wait()
+                worker[key].append(sum(loggers[key].last_worker_times.values()))
+    for vis in loggers.values():
+        vis.close()
+    for d in dirs:
+        d.cleanup()
+
+    def ratio(key: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[key], times["probe pass"], strict=True))
+
+    rows = [info(f"{name}: the probe pass alone (features + Grad-CAM needs), median",
+                 f"{statistics.median(times['probe pass']) * 1e3:.1f} ms")]
+    for key in loggers:
+        figure = f"{name}: training-thread blocking of one features + Grad-CAM logging step ({key}) / probe pass"
+        value = ratio(key)
+        rows.append(check(figure, value, "<=", 1.3, fmt="{:.2f}", unit="×") if key.startswith("async")
+                    else info(figure, f"{value:.2f}×"))
+    for key, values in worker.items():
+        rows.append(info(f"{name}: worker time of that step ({key}), median",
+                         f"{statistics.median(values) * 1e3:.1f} ms"))
+    return rows
+
+
+def run_overhead(steps: int) -> list[Row]:
+    """(b) Whole-run overhead at the default schedule, async off and on, interleaved step by step."""
+    import torch.utils.tensorboard  # noqa: F401  (a once-per-process cost, as in bench_step)
+
+    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
+    plain = TrainingRun(steps, False, train, test)
+    sync = TrainingRun(steps, True, train, test, vis_options={"async_logging": False})
+    asyn = TrainingRun(steps, True, train, test, vis_options={"async_logging": True})
+    runs = [plain, sync, asyn]
+    for i in range(steps):
+        for run in runs[i % 3:] + runs[: i % 3]:
+            run.advance()
+    finals = [run.finish() for run in runs]
+    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
+    over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("sync", sync), ("async", asyn))}
+    return [
+        info(f"demo run, {steps} steps: without / sync / async VisLogger",
+             f"{plain.seconds:.1f} s / {sync.seconds:.1f} s / {asyn.seconds:.1f} s"),
+        info(f"demo run overhead at defaults, async_logging=False ({steps} steps, interleaved)",
+             f"{over['sync']:.1f} %"),
+        check(f"demo run overhead at defaults, async_logging=True ({steps} steps, interleaved)", over["async"], "<=", 1,
+              fmt="{:.1f}", unit=" %"),
+        Row("final parameters without / sync / async bit-identical", "yes" if identical else "no", "yes", identical),
+    ]
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    print("(a) blocking time of a features + Grad-CAM logging step: demo CNN ...", flush=True)
+    torch.manual_seed(0)
+    rows = blocking("SmallCNN 32 px", SmallCNN(), 32, rounds=4 if args.quick else 12)
+    print("(a) ... ResNet-18 ...", flush=True)
+    torch.manual_seed(0)
+    rows += blocking("ResNet-18 224 px", torchvision.models.resnet18(weights=None), 224, rounds=2 if args.quick else 5,
+                     all_metrics=False)
+    steps = 150 if args.quick else 600
+    print(f"(b) whole demo run, {steps} steps, without / sync / async interleaved ...", flush=True)
+    rows += run_overhead(steps)
+    return finish("Asynchronous logging: training-thread cost", rows, args)
+
+
+if __name__ == "__main__":
+    main()

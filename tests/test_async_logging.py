@@ -1,0 +1,402 @@
+"""Asynchronous logging (``VisLogger(async_logging=True)``): the training thread runs the model work of a logging step,
+one worker renders, encodes and writes. Same events as synchronous logging, bounded, strict / warn-once kept,
+nothing lost at close, at interpreter exit, or (beyond the steps in flight) at a SIGKILL."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _models import TinyCNN, decode_png, make_batch, read_events, texts, tiny_logger
+from torch import nn
+
+from cnnvis_tb import VisLogger
+from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DeepDream, Kind
+from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
+
+TESTS = Path(__file__).resolve().parent
+#: CAM methods of every sort: gradient ones, a perturbation one (forwards in compute), FullGrad (bias gradients), CAM.
+CAM_SOME = ("gradcam", "gradcam++", "scorecam", "fullgrad", "cam")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a busy 2-core machine: one intra-op thread is several times faster (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SlowKind(Kind):
+    """A kind whose ``log`` takes ``seconds`` (or waits for ``gate``), records on which thread and when it ran."""
+
+    name, label, every = "slow", "Slow", 1
+    layer_role = None
+    log_in_background = True
+
+    def __init__(self, seconds: float = 0.0, gate: threading.Event | None = None, fail: type | None = None):
+        super().__init__()
+        self.seconds, self.gate, self.fail = seconds, gate, fail
+        self.started, self.finished = threading.Event(), threading.Event()
+        self.threads: list[str] = []
+        self.logged: list[int] = []
+        self.computed: list[int] = []
+
+    def compute(self, ctx):
+        self.computed.append(ctx.step)
+        return ctx.step
+
+    def log(self, ctx, out, computed):
+        self.threads.append(threading.current_thread().name)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
+            self.gate.clear()
+        time.sleep(self.seconds)
+        if self.fail is not None:
+            raise self.fail("slow kind failed on purpose")
+        out.scalar("x", "step", float(computed))
+        self.logged.append(ctx.step)
+        self.finished.set()
+
+
+class ForegroundKind(SlowKind):
+    """The same kind without the opt-in: its ``log`` runs on the training thread."""
+
+    name = "fore"
+    log_in_background = False
+
+
+def _run(log_dir, *, async_logging: bool, steps: int = 3, gate: bool = False) -> None:
+    """Train TinyCNN, logging every kind at every step (called between backward and the optimizer step); in place:
+    optimizer step, gradients zeroed in place, a train-mode forward (BatchNorm buffers). With ``gate`` the worker
+    renders each step only after the training step that follows it changed all of those."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probe, labels = make_batch(99)
+    kinds = [k for k in ALL_KINDS if k != "deepdream"] + [DeepDream(octaves=2, steps=2)]
+    vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=kinds, strict=True,
+                    actmax_steps=2, actmax_channels=2, saliency_methods=SALIENCY_METHODS,
+                    cam_methods=CAM_SOME, cam_metrics="all", probe_boxes=[[2, 2, 10, 12]] * len(labels),
+                    async_logging=async_logging)
+    released = threading.Event()
+    if gate:
+        render = vis._log_later
+
+        def delayed(ctx, later):
+            assert released.wait(30)
+            released.clear()
+            render(ctx, later)
+
+        vis._log_later = delayed
+    for step in range(steps):
+        x, y = make_batch(step)
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        vis.step(step)
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # the gradients the logging step saw, zeroed in place
+        with torch.no_grad():
+            model(x)  # BatchNorm running statistics move in place
+        released.set()
+    vis.close()
+
+
+def _events(log_dir) -> dict[str, object]:
+    acc = read_events(log_dir)
+    tags = acc.Tags()
+    out: dict[str, object] = {}
+    for tag in tags["images"]:
+        out["image:" + tag] = [(e.step, decode_png(e.encoded_image_string)) for e in acc.Images(tag)]
+    for tag in tags["scalars"]:
+        out["scalar:" + tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    for tag in tags["histograms"]:
+        out["hist:" + tag] = [(e.step, e.histogram_value) for e in acc.Histograms(tag)]
+    for tag in tags["tensors"]:
+        out["text:" + tag] = texts(acc, tag)
+    return out
+
+
+def test_events_identical_with_async_on_and_off_for_every_builtin_kind(tmp_path, one_thread):
+    _run(tmp_path / "sync", async_logging=False)
+    _run(tmp_path / "async", async_logging=True, gate=True)
+    sync, asyn = _events(tmp_path / "sync"), _events(tmp_path / "async")
+    assert sync.keys() == asyn.keys()
+    for name in BUILTIN:
+        assert any(key.split(":")[1].startswith(f"cnnvis/{name}/") or f"/{name}/" in key for key in sync), name
+    for key, expected in sync.items():
+        got = asyn[key]
+        assert [s for s, _ in got] == [s for s, _ in expected], key
+        for (_, a), (_, b) in zip(got, expected, strict=True):
+            if isinstance(a, np.ndarray):
+                assert np.array_equal(a, b), key
+            else:
+                assert a == b, key
+
+
+def test_builtin_kinds_log_in_background_and_user_kinds_opt_in():
+    assert all(cls.log_in_background for cls in BUILTIN.values())
+    assert Kind.log_in_background is False
+
+
+def test_step_returns_while_the_worker_renders_and_close_waits(tmp_path):
+    slow = SlowKind(seconds=0.5)
+    vis = tiny_logger(tmp_path, kinds=["features", slow], async_logging=True)
+    start = time.perf_counter()
+    assert vis.step(0)
+    blocked = time.perf_counter() - start
+    assert blocked < 0.2, blocked
+    assert vis._worker.pending == 1 and not slow.finished.is_set()  # still rendering after step() returned
+    vis.close()
+    assert slow.finished.is_set()
+    assert slow.threads == ["cnnvis-log"]
+    acc = read_events(tmp_path)
+    assert [e.value for e in acc.Scalars("cnnvis/metrics/slow/x/step")] == [0.0]
+    assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0]
+    assert set(vis.last_worker_times) == {"features", "slow"} and vis.last_worker_times["slow"] >= 0.5
+    assert set(vis.last_times) == {"features", "slow"} and vis.last_times["slow"] < 0.2
+
+
+def test_a_kind_without_the_opt_in_logs_on_the_training_thread(tmp_path):
+    fore, back = ForegroundKind(), SlowKind()
+    with tiny_logger(tmp_path, kinds=[fore, back], async_logging=True) as vis:
+        vis.step(0)
+        vis.step(1)
+    assert fore.threads == [threading.current_thread().name] * 2
+    assert back.threads == ["cnnvis-log"] * 2
+    acc = read_events(tmp_path)
+    assert len(acc.Scalars("cnnvis/metrics/fore/x/step")) == len(acc.Scalars("cnnvis/metrics/slow/x/step")) == 2
+
+
+def test_bounded_the_next_logging_step_waits_for_the_worker(tmp_path):
+    gate = threading.Event()
+    slow = SlowKind(gate=gate)
+    vis = tiny_logger(tmp_path, kinds=[slow], async_logging=True, max_pending=1)
+    vis.step(0)
+    assert slow.started.wait(10)
+    second = threading.Thread(target=vis.step, args=(1,))
+    second.start()
+    deadline = time.monotonic() + 10
+    while vis._worker.waits == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert vis._worker.waits == 1  # step 1 is waiting for the worker ...
+    time.sleep(0.1)
+    assert second.is_alive() and slow.computed == [0] and vis._worker.pending == 1  # ... before its own work
+    gate.set()  # step 0's log finishes
+    second.join(10)
+    assert not second.is_alive() and slow.logged[:1] == [0] and slow.computed == [0, 1]
+    gate.set()
+    vis.close()
+    assert slow.logged == [0, 1]
+
+
+def test_max_pending_two_lets_two_steps_be_in_flight(tmp_path):
+    gate = threading.Event()
+    slow = SlowKind(gate=gate)
+    vis = tiny_logger(tmp_path, kinds=[slow], async_logging=True, max_pending=2)
+    vis.step(0)
+    vis.step(1)  # does not wait: two in flight
+    assert vis._worker.waits == 0 and vis._worker.pending == 2
+    for _ in range(2):
+        gate.set()
+        time.sleep(0.05)
+    vis.close()
+    assert slow.logged == [0, 1]
+
+
+def test_log_now_waits_for_its_own_step(tmp_path):
+    slow = SlowKind(seconds=0.2)
+    vis = tiny_logger(tmp_path, kinds=[slow], async_logging=True)
+    vis.log_now(0)
+    assert slow.logged == [0] and vis._worker.pending == 0
+    vis.close()
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    count = 0
+    for obj in gc.get_objects():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # lazy torch modules warn when looked at
+                count += isinstance(obj, torch.Tensor)
+        except Exception:  # objects that refuse isinstance
+            pass
+    return count
+
+
+def test_memory_flat_over_many_logging_steps(tmp_path, one_thread):
+    vis = tiny_logger(tmp_path, kinds=["features", "gradcam", "health"], every=1, cam_metrics=False,
+                      async_logging=True)
+    counts = {}
+    for step in range(200):
+        vis.step(step)
+        if step in (40, 199):
+            vis.wait()
+            counts[step] = _live_tensors()
+    vis.close()
+    assert counts[199] <= counts[40] + 2, counts
+    assert len(read_events(tmp_path).Images("cnnvis/features/stem.0/probe_000")) == 200
+
+
+def test_strict_failure_on_the_worker_raises_at_the_next_step(tmp_path):
+    failing = SlowKind(fail=ValueError)
+    vis = tiny_logger(tmp_path, kinds=["features", failing], async_logging=True, strict=True)
+    assert vis.step(0)  # the failure happens on the worker, after step() returned
+    with pytest.raises(ValueError, match="on purpose"):
+        vis.step(1)  # waits for step 0's work, then raises its failure
+    vis.close()  # raised once: close does not raise it again
+
+
+def test_strict_failure_raises_at_close(tmp_path):
+    failing = SlowKind(seconds=0.1, fail=ValueError)
+    vis = tiny_logger(tmp_path, kinds=[failing], async_logging=True, strict=True)
+    vis.step(0)
+    with pytest.raises(ValueError, match="on purpose"):
+        vis.close()
+    assert vis._closed and vis._worker._thread is not None and not vis._worker._thread.is_alive()
+
+
+class FailingCompute(SlowKind):
+    name = "failing_compute"
+
+    def compute(self, ctx):
+        raise MemoryError("compute failed on purpose")
+
+
+def test_strict_failure_in_compute_raises_at_its_step_and_the_kinds_before_it_log(tmp_path):
+    slow = SlowKind()
+    vis = tiny_logger(tmp_path, kinds=[slow, FailingCompute()], async_logging=True, strict=True)
+    with pytest.raises(MemoryError, match="on purpose"):
+        vis.step(0)  # compute runs on the training thread: raised at once
+    vis.close()
+    assert slow.logged == [0]
+
+
+def test_strict_failure_raises_at_log_now(tmp_path):
+    vis = tiny_logger(tmp_path, kinds=[SlowKind(fail=ValueError)], async_logging=True, strict=True)
+    with pytest.raises(ValueError, match="on purpose"):
+        vis.log_now(0)
+    vis.close()
+
+
+def test_non_strict_failure_warns_once_and_the_others_log(tmp_path):
+    failing = SlowKind(fail=ValueError)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vis = tiny_logger(tmp_path, kinds=["features", failing], every=1, async_logging=True, strict=False)
+        for step in range(3):
+            vis.step(step)
+        vis.close()  # never raises
+    ours = [w for w in caught if "the slow visual failed" in str(w.message)]
+    assert len(ours) == 1
+    assert len(read_events(tmp_path).Images("cnnvis/features/stem.0/probe_000")) == 3
+
+
+def test_write_failure_on_the_worker_stops_writing_and_close_does_not_raise(tmp_path):
+    failing = SlowKind(fail=OSError)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vis = tiny_logger(tmp_path, kinds=[failing], async_logging=True, strict=False)
+        vis.step(0)
+        vis.wait()
+        assert vis.step(1) is False  # stopped: nothing more is logged, training goes on
+        vis.close()
+    assert sum("stops writing" in str(w.message) for w in caught) == 1
+
+
+def test_actmax_background_with_async_logging(tmp_path):
+    with tiny_logger(tmp_path, kinds=["actmax", "features"], every=1, actmax_background=True,
+                     async_logging=True) as vis:
+        for step in range(1, 4):
+            vis.step(step)
+    acc = read_events(tmp_path)
+    assert acc.Images(next(t for t in acc.Tags()["images"] if t.startswith("cnnvis/actmax/")))
+    assert len(acc.Images("cnnvis/features/stem.0/probe_000")) == 3
+
+
+def test_options_are_checked(tmp_path):
+    with pytest.raises(TypeError, match="async_logging must be True"):
+        tiny_logger(tmp_path, async_logging="yes")
+    with pytest.raises(ValueError, match="max_pending must be a positive int"):
+        tiny_logger(tmp_path, async_logging=True, max_pending=0)
+
+
+_CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+from _models import TinyCNN, make_batch
+from cnnvis_tb import VisLogger
+from cnnvis_tb.kinds import Kind
+
+class Slow(Kind):
+    name, every, layer_role, log_in_background = "slow", 1, None, True
+    def log(self, ctx, out, computed):
+        time.sleep({sleep})
+        out.scalar("x", "step", ctx.step)
+
+torch.manual_seed(0)
+probe, labels = make_batch(2, n=4)
+vis = VisLogger(TinyCNN(), {log_dir!r}, probe=probe, probe_labels=labels, every=1, strict=True,
+                kinds=["features", Slow()], async_logging=True, max_pending={max_pending})
+for step in range({steps}):
+    vis.step(step)
+    print(step, flush=True)
+{end}
+"""
+
+
+def _child(log_dir, *, steps, sleep, max_pending=1, end="") -> str:
+    return textwrap.dedent(_CHILD).format(tests=str(TESTS), log_dir=str(log_dir), steps=steps, sleep=sleep,
+                                          max_pending=max_pending, end=end)
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_sigkill_loses_at_most_the_steps_in_flight(tmp_path, max_pending):
+    n = 4
+    child = subprocess.Popen([sys.executable, "-c", _child(tmp_path, steps=100, sleep=0.3,
+                                                           max_pending=max_pending)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        returned = 0
+        while returned < n:
+            line = child.stdout.readline()
+            assert line, "the child ended early"
+            returned += 1
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    acc = read_events(tmp_path)
+    slow = [e.step for e in acc.Scalars("cnnvis/metrics/slow/x/step")] if "cnnvis/metrics/slow/x/step" in acc.Tags()[
+        "scalars"] else []
+    images = [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")]
+    # Every step whose work the worker finished is on disk: at least the returned ones but max_pending.
+    assert len(slow) >= n - max_pending and len(images) >= n - max_pending, (slow, images)
+    assert slow == sorted(slow) and slow == list(range(len(slow)))
+
+
+def test_interpreter_exit_waits_for_the_queue(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _child(tmp_path, steps=2, sleep=0.5)], capture_output=True,
+                          text=True, timeout=120)  # no close(): the exit hooks write the queued steps
+    assert done.returncode == 0, done.stderr
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Scalars("cnnvis/metrics/slow/x/step")] == [0, 1]
+    assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1]
