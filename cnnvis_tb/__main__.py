@@ -4,6 +4,10 @@
     python -m cnnvis_tb summary torchvision.models:resnet18 --kwargs '{"num_classes": 10}' --input 2,3,64,64
     python -m cnnvis_tb summary path/to/my_models.py:make_net --markdown
 
+``python -m cnnvis_tb export LOGDIR --kind gradcam --layer L --image 0 --out report.html`` writes one
+self-contained HTML page (runs × steps grid, captions, trends charts) and ``--gif out.gif`` an animated filmstrip
+of one run, read from the event files without a server (:mod:`cnnvis_tb.export`).
+
 The table (layer name, type, output shape, parameter count) comes from one forward pass of a random input of
 the given shape, in eval mode and without gradients, with nothing trained and nothing downloaded. Layer names
 are the ``named_modules()`` names that ``VisLogger(layers=...)`` takes.
@@ -16,6 +20,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -150,6 +155,58 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- export
+def non_negative(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a probe index (an integer >= 0), got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Bad input (unknown kind, layer, image, run or panel; no cnnvis data) exits with status 2, as usage errors do."""
+    from cnnvis_tb import export as exporting
+
+    progress = logging.getLogger(exporting.__name__)
+    handler = None
+    if not args.quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+        previous, progress.propagate = progress.level, False
+        progress.setLevel(logging.INFO)
+    try:
+        if not args.out and not args.gif:
+            raise exporting.ExportError("nothing to write: give --out report.html, --gif filmstrip.gif or both")
+        selection = exporting.select(args.logdir, args.kind, args.layer, image=args.image, view=args.view,
+                                     panel=args.panel, metrics=bool(args.out))
+        if args.gif_run is not None and args.gif_run not in selection.runs:
+            raise exporting.ExportError(f"no run {args.gif_run!r} holds {selection.tag}; available runs: "
+                                        f"{', '.join(repr(r) for r in selection.runs)}")
+        if args.out:
+            count = exporting.write_report(selection, args.out)
+            print(f"wrote {args.out} ({count} images: {len(selection.runs)} runs × {len(selection.steps)} steps, "
+                  f"{len(selection.metrics)} charts)")
+        if args.gif:
+            count = exporting.write_gif(selection, args.gif, args.gif_run, args.duration, args.gif_scale)
+            print(f"wrote {args.gif} ({count} frames of run {args.gif_run or selection.runs[0]!r}, "
+                  f"{args.duration} ms each)")
+    except exporting.ExportError as e:
+        print(f"python -m cnnvis_tb export: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if handler is not None:
+            progress.removeHandler(handler)
+            progress.setLevel(previous)
+            progress.propagate = True
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -180,6 +237,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true",
                    help="print the Markdown table that VisLogger logs to TensorBoard's Text tab")
     p.set_defaults(run=summary)
+
+    p = commands.add_parser(
+        "export",
+        help="write a self-contained HTML report (and/or an animated GIF) of one picture series of a log dir",
+        description="Read a log dir's event files (TensorBoard's own loader, every step kept) and write, without a "
+        "server, one HTML page with the runs × steps grid of one picture series (pictures inlined, captions as "
+        "text, trends charts of the kind's metrics for that layer; no script, nothing loaded from the network) "
+        "and/or an animated GIF of one run (one frame per logged step, the step number on each). Unknown kinds, "
+        "layers, images, runs or panels, and log dirs without cnnvis data, exit with status 2 and list what is "
+        "there.",
+        epilog="examples:\n"
+        "  python -m cnnvis_tb export runs/ --kind gradcam --layer layer4 --image 0 --out report.html\n"
+        "  python -m cnnvis_tb export runs/ --kind gradcam --layer layer4 --image 0 --panel gradcam/true "
+        "--gif cam.gif --run baseline\n"
+        "  python -m cnnvis_tb export runs/ --kind kernels --layer conv1 --view grid --out kernels.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("logdir", metavar="LOGDIR", help="the log dir (the folder holding the run folders)")
+    p.add_argument("--kind", help="the kind, e.g. gradcam, kernels, features (omit it to list them)")
+    p.add_argument("--layer", help="the layer (its named_modules() name; omit it to list them)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--image", type=non_negative, metavar="INDEX",
+                       help="a probe image by index (view probe_<INDEX>)")
+    which.add_argument("--view", metavar="NAME", help='a view that is not one probe image, e.g. "grid", "channels"')
+    p.add_argument("--panel", metavar="KEY",
+                   help='show one panel of each picture alone, e.g. "gradcam/true" (cut with its panel record)')
+    p.add_argument("--out", metavar="HTML", help="write the HTML report here")
+    p.add_argument("--gif", metavar="GIF", help="write an animated filmstrip of one run here")
+    p.add_argument("--run", dest="gif_run", metavar="NAME",
+                   help="the run of the GIF (default: the first run in natural order)")
+    p.add_argument("--duration", type=positive, default=500, metavar="MS",
+                   help="milliseconds per GIF frame (default: 500)")
+    p.add_argument("--gif-scale", type=positive, default=None, metavar="N",
+                   help="upscale GIF frames N× (default: so that frames are about 128 px tall or more)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    p.set_defaults(run=export)
     return parser
 
 
