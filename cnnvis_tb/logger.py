@@ -125,7 +125,7 @@ class VisLogger:
             shared probe pass and every kind's ``compute``: forwards, gradients, perturbation forwards, reads of
             the parameters) and hands the results, detached, to one worker thread that renders, PNG-encodes,
             writes and flushes (kinds with ``log_in_background``; a kind of yours without it logs on the
-            training thread). ``False``: everything on the training thread, as in earlier versions.
+            training thread). The default. ``False``: everything on the training thread, as in earlier versions.
             :meth:`log_now` waits for its own step's work, :meth:`close` (and interpreter exit) for all of it.
             Under ``strict`` a failure on the worker raises at the next :meth:`step`, :meth:`log_now` or
             :meth:`close`.
@@ -164,7 +164,7 @@ class VisLogger:
         probe_masks: torch.Tensor | None = None,
         seed: int = 0,
         graph: bool = False,
-        async_logging: bool = False,
+        async_logging: bool = True,
         max_pending: int = 1,
     ) -> None:
         self._net = unwrap_model(model)

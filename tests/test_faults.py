@@ -74,7 +74,7 @@ def test_layer_removed_between_steps(tmp_path):
 
 def test_layer_removed_strict_raises(tmp_path):
     model = TinyCNN()
-    vis = _vis(tmp_path, model, strict=True)
+    vis = _vis(tmp_path, model, strict=True, async_logging=False)  # raised at this step (async: at the next call)
     model.body = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1))
     with pytest.raises(LookupError, match=r"layers \['body.3'\] are no longer in the model"):
         vis.step(0)
@@ -121,7 +121,7 @@ SCRIPT = textwrap.dedent(
     model = TinyCNN()
     probe, labels = make_batch(3, n=2)
     vis = VisLogger(model, {log_dir!r}, probe=probe, probe_labels=labels, every=1,
-                    kinds=["kernels", "gradcam", "histograms"])
+                    kinds=["kernels", "gradcam", "histograms"], async_logging=False)  # async: test_async_logging
     step = 0
     while True:
         vis.step(step)
@@ -184,9 +184,11 @@ def test_memory_stays_flat_over_many_logging_steps(tmp_path):
     vis = _vis(tmp_path, kinds=[k for k in KINDS if k != "actmax"])  # 100 actmax steps would be slow
     for step in range(10):  # warm-up: caches, fonts, the writer's queue
         vis.step(step)
+    vis.wait()  # no logging step in flight on the worker while counting
     objects_before, tensors_before = _live_objects()
     for step in range(10, 110):
         vis.step(step)
+    vis.wait()
     objects_after, tensors_after = _live_objects()
     vis.close()
     assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors kept over 100 logging steps"

@@ -49,8 +49,8 @@ def test_every_kind_written_under_the_tag_scheme(tmp_path):
 
 
 def test_events_flushed_after_each_logging_step(tmp_path):
-    vis = tiny_logger(tmp_path, every=1, kinds=["gradcam", "kernels"])
-    vis.step(0)
+    vis = tiny_logger(tmp_path, every=1, kinds=["gradcam", "kernels"], async_logging=False)  # async: when the worker
+    vis.step(0)                                                                                 # finished (other test)
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/gradcam/body/probe_000")] == [0]  # not closed yet
     vis.step(1)
     assert len(read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")) == 2
@@ -129,7 +129,7 @@ def test_log_now_logs_only_the_kinds_asked_for(tmp_path):
 
 
 def test_pictures_a_kind_made_before_it_failed_are_written(tmp_path, monkeypatch):
-    with tiny_logger(tmp_path, kinds=["kernels", "histograms"], every=1, strict=False) as vis:
+    with tiny_logger(tmp_path, kinds=["kernels", "histograms"], every=1, strict=False, async_logging=False) as vis:
         kernels = vis.kind("kernels")
 
         def half_done(ctx, out, computed):
@@ -188,3 +188,15 @@ def test_the_layer_table_escapes_a_bar_in_a_module_name():
     assert row.startswith("| a\\|b | Conv2d |")
     assert tags.parse_kinds_table("| kind | label |\n| --- | --- |\n| x | " + row.split(" | ")[0][2:] + " |") == [
         ("x", "a|b")]  # read back as written
+
+
+def test_events_are_on_disk_once_the_worker_finished_a_step(tmp_path):
+    """The default (asynchronous) path: a step's events are flushed when the worker finishes it; ``wait()`` waits."""
+    vis = tiny_logger(tmp_path, every=1, kinds=["gradcam", "kernels"])
+    vis.step(0)
+    vis.wait()
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/gradcam/body/probe_000")] == [0]  # not closed yet
+    vis.step(1)
+    vis.wait()
+    assert len(read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")) == 2
+    vis.close()

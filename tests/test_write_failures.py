@@ -102,7 +102,8 @@ def _train_with(vis, model, steps=4, between=None):
 def test_a_dead_writer_thread_warns_once_and_training_completes(tmp_path):
     model = TinyCNN()
     probe, labels = make_batch(1, n=2)
-    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=["gradcam", "kernels"])
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=["gradcam", "kernels"],
+                    async_logging=False)  # each step's write on this thread (async: tests/test_async_logging.py)
 
     def disk_full(_data):
         raise OSError(errno.ENOSPC, "No space left on device")

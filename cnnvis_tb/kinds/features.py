@@ -119,15 +119,20 @@ class Features(Kind):
         return Needs(activations=tuple(self.layers))
 
     def compute(self, ctx: StepContext) -> list[str]:
-        return self.present_layers(ctx.net)
-
-    def log(self, ctx: StepContext, out: Output, computed: list[str]) -> None:
-        for layer in self.each_present(computed):
+        """The layers still in the model, each checked here (on the training thread, so a bad layer fails at its
+        step also with asynchronous logging)."""
+        present = self.present_layers(ctx.net)
+        for layer in present:
             acts = ctx.shared.activations.get(layer)
             if acts is None:
                 raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
             if acts.dim() != 4:
                 raise ValueError(f"layer {layer!r} outputs {tuple(acts.shape)}, not a feature map [N, C, H, W]")
+        return present
+
+    def log(self, ctx: StepContext, out: Output, computed: list[str]) -> None:
+        for layer in self.each_present(computed):
+            acts = ctx.shared.activations[layer]
             if not torch.isfinite(acts).all():
                 ctx.warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
             pictures, records = _feature_panels(ctx.shown, acts.float().cpu(), self.top_k, 48, 48)
