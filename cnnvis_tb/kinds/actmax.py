@@ -362,7 +362,23 @@ def _layer_channels(net, name, module, image_channels, size, mean, std) -> int:
     return acts[name].shape[1]
 
 
-class ActMax(Kind):
+class SnapshotKind(Kind):
+    """A kind whose work may run on its own :class:`BackgroundWork` (``self._worker``) from a snapshot of the model:
+    ``compute`` returns None when it handed the work over (the worker then calls ``self._write``), else what
+    ``self._write(out, computed)`` draws."""
+
+    def log(self, ctx: StepContext, out: Output, computed) -> None:
+        if computed is None:  # on the background worker, which writes when it is done
+            return
+        self._write(out, computed)
+        for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
+            pass
+
+    def close(self) -> None:
+        self._worker.close()
+
+
+class ActMax(SnapshotKind):
     """The ``actmax`` kind: activation-maximization images of chosen channels (``cnnvis/actmax/<layer>/channels``),
     every channel of every layer in one batched optimization.
 
@@ -440,15 +456,6 @@ class ActMax(Kind):
         self._worker.submit(ctx, self._images, self._write)
         return None
 
-    def log(self, ctx: StepContext, out: Output, computed: dict[str, torch.Tensor] | None) -> None:
-        if computed is None:  # on the background worker, which writes when it is done
-            return
-        self._write(out, computed)
-        for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
-            pass
-
-    def close(self) -> None:
-        self._worker.close()
 
     # ------------------------------------------------------------------ the work
     def _images(self, net: nn.Module) -> dict[str, torch.Tensor]:

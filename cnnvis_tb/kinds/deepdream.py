@@ -36,8 +36,8 @@ from torch import nn
 
 from cnnvis_tb import tags
 from cnnvis_tb.hooks import capture
-from cnnvis_tb.kinds.actmax import BackgroundWork
-from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
+from cnnvis_tb.kinds.actmax import BackgroundWork, SnapshotKind
+from cnnvis_tb.kinds.base import ModelInfo, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
 from cnnvis_tb.render import as_rgb, caption, fit, grid_boxes, make_grids, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
@@ -332,7 +332,7 @@ def deep_dream(
     return {name: dreamed[i].float() for i, name in enumerate(modules)}
 
 
-class DeepDream(Kind):
+class DeepDream(SnapshotKind):
     """The ``deepdream`` kind: each probe image dreamed at each chosen convolution, logged as the probe beside its
     dream (``cnnvis/deepdream/<layer>/probe_<i>``), captioned with how much the dream raised the layer's RMS. All
     images and layers are one batched optimization (see the module docs). Not logged by default; costs about
@@ -421,15 +421,6 @@ class DeepDream(Kind):
         self._worker.submit(ctx, lambda net: self._dreams(net, inputs), self._write)
         return None
 
-    def log(self, ctx: StepContext, out: Output, computed) -> None:
-        if computed is None:  # on the background worker, which writes when it is done
-            return
-        self._write(out, computed)
-        for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
-            pass
-
-    def close(self) -> None:
-        self._worker.close()
 
     # ------------------------------------------------------------------ the work
     def _dreams(self, net: nn.Module, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
