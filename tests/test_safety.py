@@ -154,19 +154,24 @@ def _flags(model):
             {n: p.requires_grad for n, p in model.named_parameters()})
 
 
+@pytest.mark.parametrize(("part", "async_logging"), [("log", False), ("compute", True)],
+                         ids=["log-sync", "compute-async"])
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_flags_restored_when_a_visual_raises(tmp_path, monkeypatch, kind):
+def test_flags_restored_when_a_visual_raises(tmp_path, monkeypatch, kind, part, async_logging):
+    """On the training thread the model is in use: a kind's compute (and, synchronously, its log) raising there
+    leaves flags, hooks and RNG as they were, and strict raises at that step. (An asynchronous log runs on the
+    worker, off the model; its failure raises at the next call: tests/test_async_logging.py.)"""
     model = _mixed_model()
     before_flags, before_hooks = _flags(model), hook_counts(model)
     rng = torch.get_rng_state()
     probe, labels = make_batch(2)
     vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=ALL_KINDS, strict=True,
-                    actmax_steps=2)
+                    actmax_steps=2, async_logging=async_logging)
 
     def boom(*args, **kwargs):
         raise RuntimeError("visual exploded")
 
-    monkeypatch.setattr(vis.kind(kind), "log", boom)
+    monkeypatch.setattr(vis.kind(kind), part, boom)
     with pytest.raises(RuntimeError, match="visual exploded"):
         vis.step(1)  # every kind due
     assert _flags(model) == before_flags
