@@ -266,7 +266,7 @@ export class Trends {
       const control = select(options, value, (v) => {
         this.filters.set(key, v);
         this.update(this.answer, this.selection);
-      }, labels[key]);
+      }, `Trends ${labels[key].toLowerCase()}`); // not "Image": the controls bar has that list
       out.push({key, label: labels[key], control});
     }
     return out;

@@ -78,6 +78,9 @@ def test_update_ratio_grad_norm_and_statistics_equal_hand_computations(tmp_path)
         (scores.argmax(1) == labels).float().mean().item())
     assert _scalars(acc, "cnnvis/metrics/health/probe/true_probability")[1] == pytest.approx(
         probs.gather(1, labels[:, None]).mean().item(), rel=1e-5)
+    for i in range(len(labels)):
+        assert _scalars(acc, f"cnnvis/metrics/health/probe/true_probability/probe_{i:03d}")[1] == pytest.approx(
+            probs[i, labels[i]].item(), rel=1e-5)
 
 
 def test_the_health_kind_is_on_by_default_and_leaves_grad_alone(tmp_path):

@@ -722,8 +722,10 @@ def test_trends_draw_a_line_per_run_mark_the_step_and_a_click_picks_it(open_tab,
     chart = frame.locator(f".cv-trend[data-tag='{POINTING}']")
     chart.wait_for(timeout=30_000)
     assert chart.locator(".cv-trend-title").text_content() == "pointing"  # method and target are picked above it
-    assert frame.locator("select[aria-label='Method']").input_value() == "gradcam"
-    assert frame.locator("select[aria-label='Target']").input_value() == "true"
+    names = frame.locator("select").evaluate_all("lists => lists.map((l) => l.getAttribute('aria-label'))")
+    assert "Trends image" in names and len(names) == len(set(names)), names  # every list named once (a11y, tests)
+    assert frame.locator("select[aria-label='Trends method']").input_value() == "gradcam"
+    assert frame.locator("select[aria-label='Trends target']").input_value() == "true"
     runs = chart.locator(".cv-trend-run").evaluate_all("groups => groups.map(g => g.dataset.run)")
     assert sorted(runs) == sorted([*demo_runs, HOSTILE_RUN])
     for run in demo_runs:  # every point is the value TensorBoard's own loader reads back
@@ -759,7 +761,7 @@ def test_trends_draw_a_line_per_run_mark_the_step_and_a_click_picks_it(open_tab,
     tab.wait_for_url_part(f"p.cnnvis.step={step}")
     assert tab.page.locator("img[src='x']").count() == 0 and frame.locator("img[src='x']").count() == 0
     # Another target: the charts follow the pick.
-    frame.locator("select[aria-label='Target']").select_option("pred")
+    frame.locator("select[aria-label='Trends target']").select_option("pred")
     frame.locator(f".cv-trend[data-tag='{POINTING.replace('/true', '/pred')}']").wait_for()
 
 

@@ -17,7 +17,7 @@ Per weight layer (the convolutions spread over depth, as the kernels kind choose
   layers' weights (their size is in the run's kinds table), nothing of the rest of the model.
 
 For the probe (with ``probe_labels``): ``probe/accuracy`` and ``probe/true_probability`` (mean softmax
-probability of the true class).
+probability of the true class), and that probability per image, ``probe/true_probability/probe_<i>``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnvis_tb import tags
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Needs, Output, StepContext
 
 __all__ = ["Health", "ACTIVATIONS"]
@@ -107,4 +108,7 @@ class Health(Kind):
             true = shared.targets["true"].cpu()
             probs = shared.probabilities
             out.scalar("probe", "accuracy", (shared.targets["pred"].cpu() == true).float().mean().item())
-            out.scalar("probe", "true_probability", probs.gather(1, true[:, None]).mean().item())
+            per_image = probs.gather(1, true[:, None])[:, 0]
+            out.scalar("probe", "true_probability", per_image.mean().item())
+            for i, p in enumerate(per_image.tolist()):  # which images it learns, and since when
+                out.scalar("probe", f"true_probability/{tags.probe_view(i)}", p)
