@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,3 +89,27 @@ def hook_counts(model: nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         counts[f"{name}:tensor_hooks"] = len(p._backward_hooks or {})
     return counts
+
+
+class RunFailed(Exception):
+    """A distributed run exited with an error or did not finish in time."""
+
+
+def finish_ranks(procs: list[subprocess.Popen], out: Path, *, timeout: float) -> list[dict]:
+    """Wait for the rank processes of a run; returns each rank's report (``out/rank<r>.json``). Raises RunFailed
+    on an error exit or a timeout (all killed), with the end of every rank's output."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = "\n".join(f"--- rank {r} ---\n{p.communicate()[0][-3000:]}" for r, p in enumerate(procs))
+        raise RunFailed(f"the run did not finish within {timeout} s (deadlock?)\n{logs}") from None
+    outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{o[-3000:]}"
+                         for r, (p, o) in enumerate(zip(procs, outputs, strict=True)))
+        raise RunFailed(f"the run failed\n{logs}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(len(procs))]

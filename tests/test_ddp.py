@@ -13,12 +13,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from _models import RunFailed, finish_ranks
 
 STEPS = 4
 WORLD = 2
@@ -26,10 +26,6 @@ TIMEOUT = 120  # seconds for a whole 2-process run
 KINDS = ("kernels", "features", "gradcam", "saliency", "actmax", "histograms")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-
-
-class RunFailed(Exception):
-    """A distributed run exited with an error or did not finish in time."""
 
 
 def _free_port() -> int:
@@ -55,22 +51,8 @@ def _start(out: Path, mode: str, *, pg_timeout: float = 60) -> list[subprocess.P
 
 
 def _finish(procs: list[subprocess.Popen], out: Path, *, timeout: float = TIMEOUT) -> list[dict]:
-    """Wait for a run; returns each rank's report. Raises RunFailed on an error exit or a timeout (all killed)."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = "\n".join(f"--- rank {r} ---\n{p.communicate()[0][-3000:]}" for r, p in enumerate(procs))
-        raise RunFailed(f"the run did not finish within {timeout} s (deadlock?)\n{logs}") from None
-    outputs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{o[-3000:]}"
-                         for r, (p, o) in enumerate(zip(procs, outputs, strict=True)))
-        raise RunFailed(f"the run failed\n{logs}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    """Wait for a run; returns each rank's report (see ``_models.finish_ranks``)."""
+    return finish_ranks(procs, out, timeout=timeout)
 
 
 def _events_files(folder: Path) -> list[Path]:
