@@ -63,6 +63,7 @@ export class App {
     this.imageRatio = 1;
     this.pictureRatio = 1; // of the whole pictures of the current tag
     this.panels = new Map(); // run -> step -> panel records of the current tag (/panels)
+    this.panelLabels = new Map(); // key -> label of every panel in `panels`, in the order they come
     this.compare = null;
     this.controls = null;
     this.metrics = null; // the /metrics answer
@@ -199,7 +200,7 @@ export class App {
   title() {
     const {kind, layer, view} = this.current;
     const key = this.panelKey();
-    const panel = key ? ` · ${this.panelOptions().find(([k]) => k === key)[1]}` : "";
+    const panel = key ? ` · ${this.panelLabels.get(key)}` : "";
     return `${kind.label} · ${layer.layer} · ${viewLabel(view)}${panel}`;
   }
 
@@ -220,19 +221,21 @@ export class App {
     return panels;
   }
 
-  /** [key, label] of every panel the current pictures have, in the order they come. */
-  panelOptions() {
-    const seen = new Map();
-    for (const steps of this.panels.values()) {
-      for (const records of steps.values()) for (const r of records) if (!seen.has(r.key)) seen.set(r.key, r.label);
+  /** Keeps the panel records of the current tag and the list of their panels (read once per answer, not per cell). */
+  setPanelRecords(panels) {
+    this.panels = panels;
+    this.panelLabels = new Map();
+    for (const steps of panels.values()) {
+      for (const records of steps.values()) {
+        for (const r of records) if (!this.panelLabels.has(r.key)) this.panelLabels.set(r.key, r.label);
+      }
     }
-    return [...seen];
   }
 
   /** The key of the panel shown alone, or null for whole pictures (also when the pictures have no such panel). */
   panelKey() {
     const key = this.state.panel;
-    return key && this.panelOptions().some(([k]) => k === key) ? key : null;
+    return key && this.panelLabels.has(key) ? key : null;
   }
 
   /** The record of the chosen panel in `run`'s picture at `step`, or null. */
@@ -334,13 +337,13 @@ export class App {
     this.stepsJson = json;
     this.stepsByRun = new Map(answer.runs.map(({run, steps}) => [run, steps]));
     this.pictureRatio = answer.width && answer.height ? answer.width / answer.height : 1;
-    this.panels = panels;
+    this.setPanelRecords(panels);
     this.renderViews();
   }
 
   renderViews() {
     this.main.classList.remove("cv-busy");
-    this.controls.setPanels(this.panelOptions(), this.panelKey());
+    this.controls.setPanels([...this.panelLabels], this.panelKey());
     this.applyPanelShape();
     const runs = this.index.runs.filter((run) => this.stepsByRun.has(run) && !this.state.hidden.has(run));
     this.lazy.reset();
