@@ -102,9 +102,13 @@ class VisLogger:
         cam_batch_size: perturbed images per forward pass of Score-CAM and Ablation-CAM (their memory cap).
         cam_scale: ``"image"`` (each map scaled to its own min and max) or ``"run"`` (one scale per probe image,
             method and target kept over the run, so a map that fades or spreads over training shows as such).
-        cam_metrics: log explanation-quality scalars at each Grad-CAM step (per layer, method and target: map
-            entropy and stability, and with ``probe_boxes`` / ``probe_masks`` the pointing game and the energy in
-            the box), under ``cnnvis/metrics/gradcam/...``.
+        cam_metrics: log explanation-quality scalars at each Grad-CAM step, under ``cnnvis/metrics/gradcam/...``:
+            ``True`` (``"default"``): per layer, method and target the map's entropy, stability, agreement and
+            confidence drop / increase, with ``probe_boxes`` / ``probe_masks`` the pointing game, the energy in
+            the box and the IoU, and the deletion / insertion AUCs of the first method's map of the predicted
+            class; ``"all"``: deletion / insertion for every method and target too; ``"cheap"``: only the
+            metrics computed from the maps (none that runs the model again); ``False``: none. With
+            ``async_logging`` the ones that run the model run on the worker, on a frozen copy of the model.
         probe_boxes: one object box per probe image ``[N, 4]`` as ``(x0, y0, x1, y1)`` in input pixels.
         probe_masks: one object mask per probe image ``[N, H, W]`` (bool, the input's size).
         strict: raise when a visual fails instead of warning once and going on (tests use it).
@@ -159,7 +163,7 @@ class VisLogger:
         cam_methods: str | Sequence[str] = ("gradcam", "gradcam++"),
         cam_batch_size: int = 64,
         cam_scale: str = "image",
-        cam_metrics: bool = True,
+        cam_metrics: bool | str = True,
         probe_boxes: Sequence[Sequence[float]] | torch.Tensor | None = None,
         probe_masks: torch.Tensor | None = None,
         seed: int = 0,
@@ -294,6 +298,8 @@ class VisLogger:
         #: flushes, background kinds' outputs (:meth:`_open_output`). Never held while waiting for anything else.
         self._write_lock = threading.Lock()
         self._worker = _Worker(self.max_pending) if self._async and self._active else None
+        if self._info is not None:  # None on the ranks of a sharded model that do not log
+            self._info.in_background = self._worker is not None
         self._async_error: BaseException | None = None  # a strict failure on the worker, raised at the next call
         #: ``{kind: seconds}`` the worker spent rendering and writing each kind of the latest logging step it
         #: finished (asynchronous logging only; :attr:`last_times` is the training thread's share).

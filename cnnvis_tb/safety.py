@@ -19,12 +19,13 @@ Parameters' ``requires_grad`` flags and ``.grad`` tensors are never written: vis
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["preserved", "single_threaded", "model_device", "model_dtype"]
+__all__ = ["preserved", "single_threaded", "model_device", "model_dtype", "frozen_copy"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -87,3 +88,15 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A frozen copy of the model for work on another thread (eval mode, no gradients, no ``.grad``): what it runs
+    reads nothing the training loop changes afterwards. It costs one more copy of the parameters and buffers while
+    it lives."""
+    with torch.no_grad():
+        snapshot = copy.deepcopy(net)
+    for p in snapshot.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return snapshot.eval()

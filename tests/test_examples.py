@@ -181,17 +181,18 @@ def test_compare_runs_rejects_bad_learning_rates(compare_runs, tmp_path, capsys,
 # ---------------------------------------------------------------------- train_shapes.py (the offline demo)
 def test_train_shapes_demo_learns_and_logs(tmp_path, capsys):
     demo = _load("train_shapes")
-    accuracy = demo.main(["--logdir", str(tmp_path), "--run-name", "demo", "--steps", "200", "--seed", "1",
+    # 250 steps: at 200 the last pointing game is 8/8 on one CPU and 7/8 on another (the float order of its kernels)
+    accuracy = demo.main(["--logdir", str(tmp_path), "--run-name", "demo", "--steps", "250", "--seed", "1",
                           "--kinds", "gradcam", "kernels", "--every", "50"])
     assert accuracy > 0.6  # four classes: chance is 0.25
     out = capsys.readouterr().out
     assert f"tensorboard --logdir {tmp_path}" in out
     acc = read_events(tmp_path / "demo")
-    assert [e.step for e in acc.Images("cnnvis/gradcam/features/probe_000")] == [0, 50, 100, 150, 200]
+    assert [e.step for e in acc.Images("cnnvis/gradcam/features/probe_000")] == [0, 50, 100, 150, 200, 250]
     assert "train/loss" in acc.Tags()["scalars"] and "test/accuracy" in acc.Tags()["scalars"]
     # The demo passes its shapes' boxes: Grad-CAM's pointing game climbs from about chance to (nearly) every image.
     pointing = [e.value for e in acc.Scalars("cnnvis/metrics/gradcam/features/pointing/gradcam/true")]
-    assert len(pointing) == 5 and pointing[-1] >= 0.9 and pointing[-1] >= pointing[0] + 0.25
+    assert len(pointing) == 6 and pointing[-1] >= 0.9 and pointing[-1] >= pointing[0] + 0.25
 
 
 # ---------------------------------------------------------------------- custom_kind.py (a kind of the user's own)

@@ -154,9 +154,10 @@ def test_confidence_drop_increase_and_agreement_equal_hand_computations(tmp_path
     logging_forwards = len(forwards)
     pred = model(probe).argmax(1)
     distinct = 1 if torch.equal(pred, labels) else 2
-    # deletion / insertion: the 2N end points, then 2 (S - 1) perturbed images per method and image whose target
-    # differs between the target sets (a right prediction is perturbed once), all in passes of cam_batch_size (64)
-    perturbed = 2 * 3 + 2 * (DELETION_STEPS - 1) * 2 * (3 + int((pred != labels).sum()))
+    # deletion / insertion at the default cam_metrics: the first method's map of the predicted class only, so the 2N
+    # end points and 2 (S - 1) perturbed images per image, in passes of cam_batch_size (64); they run on a frozen
+    # copy of the model, which carries the counting hook along
+    perturbed = 2 * 3 + 2 * (DELETION_STEPS - 1) * 3
     # the shared pass, one masked probe pass per method and target set, the deletion / insertion passes
     assert logging_forwards == 1 + 2 * distinct + math.ceil(perturbed / 64)
     acc = read_events(tmp_path)
@@ -368,8 +369,8 @@ def test_a_map_on_the_object_deletes_faster_and_inserts_faster_than_a_random_map
                    layers={"gradcam": ["conv"]}, strict=True) as vis:
         vis.step(0)
     acc = read_events(tmp_path)
-    deletion = acc.Scalars("cnnvis/metrics/gradcam/conv/deletion/gradcam/true")[0].value
-    insertion = acc.Scalars("cnnvis/metrics/gradcam/conv/insertion/gradcam/true")[0].value
+    deletion = acc.Scalars("cnnvis/metrics/gradcam/conv/deletion/gradcam/pred")[0].value
+    insertion = acc.Scalars("cnnvis/metrics/gradcam/conv/insertion/gradcam/pred")[0].value
     assert deletion < d_rnd.mean().item() - 0.2  # Grad-CAM finds the square: it deletes like the object map
     assert deletion == pytest.approx(d_obj.mean().item(), abs=0.02)
     assert insertion > i_rnd.mean().item() + 0.1
@@ -384,7 +385,7 @@ def test_the_logger_logs_deletion_insertion_iou_and_per_image_pointing(tmp_path)
     boxes = torch.tensor([[0, 0, 8, 8], [4, 4, 16, 12], [2, 0, 10, 16], [8, 8, 16, 16]], dtype=torch.float32)
     with VisLogger(model, tmp_path, probe=probe, probe_labels=labels, probe_boxes=boxes, kinds=["gradcam"],
                    strict=True, cam_methods=["gradcam", "gradcam++"], layers={"gradcam": ["body"]},
-                   cam_batch_size=5) as vis:
+                   cam_batch_size=5, cam_metrics="all") as vis:
         vis.step(0)
     acc = read_events(tmp_path)
     value = {t: acc.Scalars(t)[0].value for t in acc.Tags()["scalars"]}
@@ -410,7 +411,7 @@ def test_the_logger_logs_deletion_insertion_iou_and_per_image_pointing(tmp_path)
     assert len(per_image) == 4 * 2 * 2 and all("/pointing/" in t for t in per_image)  # only the pointing game
 
 
-@pytest.mark.parametrize("setting", ["all", True, "cheap", False])
+@pytest.mark.parametrize("setting", ["all", True, "default", "cheap", False])
 def test_cam_metrics_cheap_leaves_out_the_metrics_that_run_the_model(tmp_path, setting):
     torch.manual_seed(3)
     model = TinyCNN().eval()
@@ -433,10 +434,78 @@ def test_cam_metrics_cheap_leaves_out_the_metrics_that_run_the_model(tmp_path, s
         assert metrics == cheap | costly and len(forwards) > 1
 
 
+@pytest.mark.parametrize("async_logging", [True, False])
+def test_by_default_deletion_insertion_score_the_first_methods_map_of_the_predicted_class(tmp_path, async_logging):
+    """cam_metrics=True: deletion / insertion for the first method and the predicted class only (the costliest
+    metric, once per image); the confidence measures and the map metrics for every method and target. The values
+    equal those of cam_metrics='all', whether they ran on a frozen copy on the worker or on the model."""
+    torch.manual_seed(3)
+    model = TinyCNN().eval()
+    probe, labels = make_batch(12, n=4)
+    common = dict(probe=probe, probe_labels=labels, kinds=["gradcam"], strict=True, layers={"gradcam": ["body"]},
+                  cam_methods=["gradcam++", "gradcam"], async_logging=async_logging)
+    values = {}
+    for setting in (True, "all"):
+        log_dir = tmp_path / str(setting)
+        with VisLogger(model, log_dir, cam_metrics=setting, **common) as vis:
+            vis.step(0)
+        acc = read_events(log_dir)
+        values[setting] = {t: acc.Scalars(t)[0].value for t in acc.Tags()["scalars"]}
+    base = "cnnvis/metrics/gradcam/body"
+    assert not torch.equal(model(probe).argmax(1), labels)  # the true and predicted target sets differ
+    scored = {t for t in values[True] if "/deletion/" in t or "/insertion/" in t}
+    assert scored == {f"{base}/deletion/gradcam++/pred", f"{base}/insertion/gradcam++/pred"}
+    for target in ("true", "pred"):
+        for method in ("gradcam", "gradcam++"):
+            assert f"{base}/confidence_drop/{method}/{target}" in values[True]
+            assert f"{base}/deletion/{method}/{target}" in values["all"]
+    assert all(values["all"][t] == pytest.approx(v, abs=1e-6) for t, v in values[True].items())
+
+
+def test_with_async_logging_the_metrics_that_run_the_model_run_on_a_copy_on_the_worker(tmp_path):
+    """The training thread runs the shared pass only; the masked and perturbed forwards run on the worker, on a
+    frozen copy of the model taken at the logging step (a later change of the weights does not reach them); with
+    background_metrics=False they run on the training thread, on the model."""
+    import threading
+
+    from cnnvis_tb.kinds.gradcam import GradCam
+
+    torch.manual_seed(3)
+    model = TinyCNN().eval()
+    probe, labels = make_batch(12, n=4)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((threading.current_thread().name, m)))
+    for background, log_dir in ((True, tmp_path / "bg"), (False, tmp_path / "fg")):
+        with VisLogger(model, log_dir, probe=probe, probe_labels=labels, strict=True, layers={"gradcam": ["body"]},
+                       kinds=[GradCam(methods=["gradcam"], background_metrics=background)]) as vis:
+            seen.clear()  # the constructor's forward pass
+            vis.step(0)
+            before = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():  # the training loop goes on: the copy is not affected
+                for p in model.parameters():
+                    p.add_(1.0)
+            vis.wait()
+            with torch.no_grad():
+                for p, b in zip(model.parameters(), before, strict=True):
+                    p.copy_(b)
+        on_thread = [m for name, m in seen if name == threading.current_thread().name]
+        elsewhere = [m for name, m in seen if name != threading.current_thread().name]
+        if background:
+            assert len(on_thread) == 1 and on_thread[0] is model  # the shared pass
+            assert elsewhere and all(m is not model for m in elsewhere)  # the copy's forwards, on the worker
+        else:
+            assert len(on_thread) > 1 and all(m is model for m in on_thread) and not elsewhere
+    for name in ("deletion", "insertion", "confidence_drop"):
+        tag = f"cnnvis/metrics/gradcam/body/{name}/gradcam/pred"
+        assert read_events(tmp_path / "bg").Scalars(tag)[0].value == pytest.approx(
+            read_events(tmp_path / "fg").Scalars(tag)[0].value, abs=1e-6)
+
+
 @pytest.mark.parametrize("bad", ["fast", "ALL", 1, None, ["cheap"]])
 def test_bad_cam_metrics_fail_in_the_constructor(tmp_path, bad):
     probe, labels = make_batch(0, n=2)
-    match = r"cam_metrics must be True or 'all' \(every metric\), 'cheap' .* or False \(no metric\), got "
+    match = (r"cam_metrics must be True or 'default' \(every metric; deletion / insertion only for the first method's "
+             r"map of the predicted class\), 'all' .*'cheap' .* or False \(no metric\), got ")
     with pytest.raises(ValueError, match=match + re.escape(repr(bad))):
         VisLogger(TinyCNN(), tmp_path, probe=probe, probe_labels=labels, cam_metrics=bad)
     with pytest.raises(ValueError, match=match):  # also when the gradcam kind is not logged
@@ -453,7 +522,7 @@ def test_bad_deletion_steps_fail_in_the_constructor(tmp_path):
     with VisLogger(TinyCNN(), tmp_path, probe=probe, probe_labels=labels, strict=True,
                    kinds=[GradCam(deletion_steps=3, methods=["gradcam"])]) as vis:
         vis.step(0)
-    assert read_events(tmp_path).Scalars("cnnvis/metrics/gradcam/body/deletion/gradcam/true")
+    assert read_events(tmp_path).Scalars("cnnvis/metrics/gradcam/body/deletion/gradcam/pred")
 
 
 def test_metric_names_of_the_tag_scheme():

@@ -12,7 +12,6 @@ parameters and their ``.grad`` are never touched.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, ModelInfo, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
 from cnnvis_tb.render import as_rgb, caption, fit, grid_boxes, make_grid, to_uint8
-from cnnvis_tb.safety import model_device, model_dtype, preserved
+from cnnvis_tb.safety import frozen_copy, model_device, model_dtype, preserved
 
 _log = logging.getLogger("cnnvis_tb")
 
@@ -509,7 +508,7 @@ class BackgroundWork:
             ctx.warn_once(f"{name}-busy", f"{self.what} of an earlier step is still running; step {ctx.step} is "
                           f"skipped (use a larger every[{name!r}])")
             return
-        snapshot = _snapshot(ctx.net)
+        snapshot = frozen_copy(ctx.net)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cnnvis-{name}")
         self._pending.append(self._executor.submit(self._run, snapshot, ctx.step, work, write))
@@ -545,13 +544,3 @@ class BackgroundWork:
         forget it and its unfinished work (the parent finishes and logs it), so nothing waits on it forever."""
         if os.getpid() != self._pid:
             self._pid, self._executor, self._pending = os.getpid(), None, []
-
-
-def _snapshot(net: nn.Module) -> nn.Module:
-    """A frozen copy of the model (eval mode, no gradients) for background work."""
-    with torch.no_grad():
-        snapshot = copy.deepcopy(net)
-    for p in snapshot.parameters():
-        p.grad = None
-        p.requires_grad_(False)
-    return snapshot.eval()

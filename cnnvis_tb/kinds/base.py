@@ -134,6 +134,9 @@ class ModelInfo:
     #: ``open_output(kind, step)``: a context manager yielding an :class:`Output` that is written and flushed on
     #: exit, under the logger's lock; for kinds that finish their work later on a thread of their own.
     open_output: Callable[[Kind, int], Any] | None = field(default=None, repr=False)
+    #: Whether the ``log`` of a kind with ``log_in_background`` runs on the asynchronous-logging worker (after the
+    #: training loop has gone on) rather than right after its ``compute``.
+    in_background: bool = False
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...] | None]:

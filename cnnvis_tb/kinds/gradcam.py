@@ -33,7 +33,7 @@ from cnnvis_tb.kinds.cam_metrics import (
 )
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
 from cnnvis_tb.render import as_rgb, captioned_strip, fit, overlay_heatmap, to_uint8
-from cnnvis_tb.safety import model_device, model_dtype, preserved
+from cnnvis_tb.safety import frozen_copy, model_device, model_dtype, preserved
 
 __all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam",
            "CAM_METRICS", "check_cam_metrics"]
@@ -234,6 +234,9 @@ class CamStep:
     full: dict[tuple[str, str, str], torch.Tensor]
     confidence: dict[tuple[str, str, str], tuple[float, float]]
     deletion: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: A frozen copy of the model on which :meth:`GradCam.log` runs the metrics that need the model (confidence,
+    #: deletion / insertion) when it runs on the asynchronous-logging worker; None when compute ran them.
+    snapshot: nn.Module | None = None
 
 
 #: Colour scales of the logged maps: each map min-max scaled, or one scale per probe image, method and target kept
@@ -241,25 +244,28 @@ class CamStep:
 CAM_SCALES = ("image", "run")
 #: Perturbed images per logging step above which the constructor warns about Score-/Ablation-CAM's cost.
 COSTLY_IMAGES = 4096
-#: Values of the ``cam_metrics`` option besides ``True`` (= ``"all"``) and ``False`` (no metric): ``"all"`` logs every
-#: explanation-quality metric, ``"cheap"`` only those computed from the maps alone (pointing, energy, IoU, entropy,
-#: stability, agreement), leaving out the ones that run the model again (confidence drop / increase: one probe
-#: forward per method and target set; deletion / insertion: ``2·(steps − 1)`` perturbed images per map).
-CAM_METRICS = ("all", "cheap")
+#: Values of the ``cam_metrics`` option besides ``True`` (= ``"default"``) and ``False`` (no metric). ``"cheap"``: only
+#: the metrics computed from the maps alone (pointing, energy, IoU, entropy, stability, agreement), for every method
+#: and target. ``"default"`` adds the ones that run the model again: the confidence drop / increase (one probe
+#: forward per method and distinct target set) for every method and target, and the deletion / insertion curves
+#: (``2·(steps − 1)`` perturbed images per map, the costliest) for the first method's map of the predicted class.
+#: ``"all"``: deletion / insertion for every method and target too.
+CAM_METRICS = ("default", "all", "cheap")
 #: Seconds of deletion / insertion at one logging step above which the kind warns (once) about their cost.
 SLOW_DELETION_SECONDS = 5.0
 
 
 def check_cam_metrics(value: object) -> str | bool:
-    """``"all"``, ``"cheap"`` or ``False`` for a ``cam_metrics`` option (``True`` means ``"all"``); else
-    ``ValueError``."""
+    """``"default"``, ``"all"``, ``"cheap"`` or ``False`` for a ``cam_metrics`` option (``True`` means
+    ``"default"``); else ``ValueError``."""
     if value is True or value is False:
-        return "all" if value else False
+        return "default" if value else False
     if isinstance(value, str) and value in CAM_METRICS:
         return value
-    raise ValueError("cam_metrics must be True or 'all' (every metric), 'cheap' (only the metrics computed from the "
-                     "maps alone: no deletion / insertion, no confidence drop / increase, which run the model again) "
-                     f"or False (no metric), got {value!r}")
+    raise ValueError("cam_metrics must be True or 'default' (every metric; deletion / insertion only for the first "
+                     "method's map of the predicted class), 'all' (deletion / insertion for every method and target "
+                     "too), 'cheap' (only the metrics computed from the maps alone: no deletion / insertion, no "
+                     f"confidence drop / increase, which run the model again) or False (no metric), got {value!r}")
 
 
 class GradCam(Kind):
@@ -274,20 +280,25 @@ class GradCam(Kind):
         methods: CAM methods shown (names of :data:`cnnvis_tb.kinds.cam_methods.METHODS`).
         batch_size: perturbed images per forward pass of Score-CAM / Ablation-CAM (the memory cap).
         scale: ``"image"`` (each map min-max scaled) or ``"run"`` (see :data:`CAM_SCALES`).
-        metrics: explanation-quality scalars: ``True`` / ``"all"``, ``"cheap"`` or ``False`` (see :data:`CAM_METRICS`).
+        metrics: explanation-quality scalars: ``True`` / ``"default"``, ``"all"``, ``"cheap"`` or ``False`` (see
+            :data:`CAM_METRICS`).
         deletion_steps: perturbation steps of the deletion / insertion curves
             (:func:`cnnvis_tb.kinds.cam_metrics.deletion_insertion`).
+        background_metrics: with asynchronous logging, run the metrics that need the model (confidence, deletion /
+            insertion) on the worker, on a frozen copy of the model taken at the logging step (one more copy of
+            the parameters and buffers while they run), so the training thread pays only for the copy. False:
+            on the training thread, on the model itself (as without asynchronous logging).
     """
 
     name, label, every = "gradcam", "Grad-CAM", 200
-    #: log calls no model and reads no parameter (maps, confidence and deletion / insertion come from compute; log
-    #: reads the probe pass's detached copies and the kind's own state), so it may run on the async worker.
+    #: log calls no model and reads no parameter (maps and the kind's own state; the metrics that run the model ran
+    #: in compute, or run in log on the frozen copy compute made), so it may run on the async worker.
     log_in_background = True
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
     def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",
-                 metrics: bool | str = True, deletion_steps: int = DELETION_STEPS, every: int | None = None,
-                 layers=None) -> None:
+                 metrics: bool | str = True, deletion_steps: int = DELETION_STEPS, background_metrics: bool = True,
+                 every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
         self.methods = check_methods(methods)
         self.batch_size = positive_int("cam_batch_size", batch_size)
@@ -296,6 +307,7 @@ class GradCam(Kind):
         self.scale = scale
         self.metrics = check_cam_metrics(metrics)
         self.deletion_steps = positive_int("deletion_steps", deletion_steps)
+        self.background_metrics = bool(background_metrics)
         self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -339,7 +351,9 @@ class GradCam(Kind):
                                "step; choose a layer with fewer channels, a smaller probe or a larger every['gradcam']")
 
     def details(self) -> str:
-        metrics = {"all": f"all (deletion / insertion in {self.deletion_steps} steps)", "cheap": "cheap",
+        metrics = {"default": f"default (deletion / insertion of {METHODS[self.methods[0]].label} · pred in "
+                              f"{self.deletion_steps} steps)",
+                   "all": f"all (deletion / insertion in {self.deletion_steps} steps)", "cheap": "cheap",
                    False: "off"}[self.metrics]
         return super().details() + f"; methods: {', '.join(self.methods)}; scale: {self.scale}; metrics: {metrics}"
 
@@ -377,12 +391,32 @@ class GradCam(Kind):
         size = tuple(shared.inputs.shape[-2:])
         resized: dict[int, torch.Tensor] = {}  # equal target sets share their maps, and so their resized maps
         full = {k: resized.setdefault(id(raw), _resize(raw, size)) for k, raw in maps.items()}
-        if self.metrics != "all":
-            return CamStep(maps, full, {})
-        return CamStep(maps, full, self._confidence_changes(ctx, full), self._deletion_insertion(ctx, full))
+        computed = CamStep(maps, full, {})
+        if self.metrics in ("default", "all"):
+            if self.background_metrics and ctx.info.in_background:
+                try:
+                    computed.snapshot = frozen_copy(ctx.net)
+                except Exception as e:
+                    if ctx.info.strict:
+                        raise
+                    ctx.warn_once("gradcam-copy", f"the model could not be copied ({type(e).__name__}: {e}), so the "
+                                  "CAM metrics that run it run on the training thread; "
+                                  "GradCam(background_metrics=False) does so without trying")
+            if computed.snapshot is None:
+                self._model_metrics(ctx, ctx.net, computed)
+        return computed
 
-    def _deletion_insertion(self, ctx, full) -> dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]]:
-        """Per-image deletion and insertion AUCs ``([N], [N])`` of every map set (see
+    def _model_metrics(self, ctx: StepContext, net: nn.Module, computed: CamStep) -> None:
+        """The metrics that run ``net`` (the model, or its frozen copy on the worker), into ``computed``; a failure
+        warns once and leaves them out (the pictures and the other metrics still log)."""
+        def run() -> None:
+            computed.confidence = self._confidence_changes(ctx, net, computed.full)
+            computed.deletion = self._deletion_insertion(ctx, net, computed.full)
+
+        ctx.guarded("gradcam metrics", run)
+
+    def _deletion_insertion(self, ctx, net, full) -> dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Per-image deletion and insertion AUCs ``([N], [N])`` of the map sets chosen by ``metrics`` (see
         :func:`cnnvis_tb.kinds.cam_metrics.deletion_insertion`: baseline 0 in the model's input space, insertion from
         the blurred probe image), all map sets' perturbed images in one stream of no-grad forwards of at most
         ``batch_size`` images. An image whose class is the same for two targets (its prediction is right) is
@@ -394,6 +428,8 @@ class GradCam(Kind):
         maps, owners, classes = [], [], []
         slots: dict[tuple[str, str, str], torch.Tensor] = {}  # per map set: image i -> row of the results
         rows = 0
+        if self.metrics != "all":  # the default: the first method's map of the predicted class
+            full = {k: v for k, v in full.items() if k[1] == self.methods[0] and k[2] == "pred"}
         for which, full_maps in full.items():
             layer, method, key = which
             cls = shared.targets[key].to(x.device)
@@ -413,7 +449,7 @@ class GradCam(Kind):
             classes.append(cls[new.to(x.device)])
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
-            return select_output(ctx.net(batch), selector).float().softmax(dim=1)
+            return select_output(net(batch), selector).float().softmax(dim=1)
 
         started = time.perf_counter()
         deletion, insertion = deletion_insertion(
@@ -428,11 +464,13 @@ class GradCam(Kind):
             ctx.warn_once("deletion-cost", f"deletion / insertion took {seconds:.1f} s at step {ctx.step} ({images:,} "
                           f"perturbed images in {-(-images // self.batch_size):,} forward passes); cam_metrics='cheap' "
                           "leaves them out (and the confidence drop / increase); GradCam(deletion_steps=...) with "
-                          "fewer steps or a larger every['gradcam'] makes them cheaper")
+                          "fewer steps or a larger every['gradcam'] makes them cheaper"
+                          + ("" if self.metrics != "all" else "; cam_metrics=True runs them for the first method's "
+                             "map of the predicted class only"))
         return {which: (deletion[slot], insertion[slot]) for which, slot in slots.items()}
 
     @torch.no_grad()
-    def _confidence_changes(self, ctx, full) -> dict[tuple[str, str, str], tuple[float, float]]:
+    def _confidence_changes(self, ctx, net, full) -> dict[tuple[str, str, str], tuple[float, float]]:
         """Average drop and increase in confidence (Chattopadhay et al.): the target's softmax probability on the
         probe image times its map (upsampled, min-max scaled; in the model's input space, so masked-out pixels
         become 0, the dataset mean under mean/std normalization) against the probability on the image itself.
@@ -448,7 +486,7 @@ class GradCam(Kind):
                 out[(layer, method, key)] = done[id(maps)]
                 continue
             mask = normalize_maps(maps).to(device=x.device, dtype=x.dtype)
-            masked = select_output(ctx.net(x * mask[:, None]), selector).float().softmax(dim=1)
+            masked = select_output(net(x * mask[:, None]), selector).float().softmax(dim=1)
             t = shared.targets[key][:, None]
             y, o = probs.gather(1, t)[:, 0], masked.gather(1, t)[:, 0]
             drop = ((y - o).clamp_min(0) / y.clamp_min(1e-12)).mean().item()
@@ -485,6 +523,10 @@ class GradCam(Kind):
         targets = {k: v.cpu() for k, v in shared.targets.items()}
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
+        if computed.snapshot is not None:  # on the worker: the metrics that need the model, on its frozen copy
+            net, computed.snapshot = computed.snapshot, None
+            self._model_metrics(ctx, net, computed)
+            del net
         for layer in dict.fromkeys(layer for layer, _, _ in computed.raw):
             columns = []  # (overlays [N, 3, panel, panel], method, method label, target key), all images at once
             for spec in self._specs:
