@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import threading
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["preserved", "single_threaded", "model_device", "model_dtype", "frozen_copy"]
+__all__ = ["preserved", "single_threaded", "model_device", "model_dtype", "frozen_copy", "FrozenCopies"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -100,3 +102,52 @@ def frozen_copy(net: nn.Module) -> nn.Module:
         p.grad = None
         p.requires_grad_(False)
     return snapshot.eval()
+
+
+def _state(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(itertools.chain(net.named_parameters(), net.named_buffers()))
+
+
+class FrozenCopies:
+    """:func:`frozen_copy` of one model, reused: :meth:`take` refreshes a copy handed back earlier in place (its
+    parameters and buffers copied from the model's, far cheaper than a new deep copy of the module tree) and makes a
+    new one only when none is free or the model's parameters and buffers changed in name, shape, dtype or device.
+    What the refresh does not carry over is the rest of the modules' state (plain attributes): it is that of the
+    first copy. Thread-safe; as many copies live as are taken at once."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = []
+        self._state: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, net: nn.Module) -> nn.Module:
+        """A frozen copy of ``net`` as it is now."""
+        with self._lock:
+            free = self._free.pop() if self._free else None
+        if free is not None:
+            snapshot, state = free
+            live = _state(net)
+            if len(live) == len(state) and all(
+                    a == b and s.shape == t.shape and s.dtype == t.dtype and s.device == t.device
+                    for (a, s), (b, t) in zip(state, live, strict=True)):
+                with torch.no_grad():
+                    torch._foreach_copy_([s for _, s in state], [t.detach() for _, t in live])
+                with self._lock:
+                    self._state[id(snapshot)] = state
+                return snapshot
+        snapshot = frozen_copy(net)
+        with self._lock:
+            self._state[id(snapshot)] = _state(snapshot)
+        return snapshot
+
+    def give_back(self, snapshot: nn.Module) -> None:
+        """``snapshot`` (from :meth:`take`) is no longer used: the next :meth:`take` may refresh it."""
+        with self._lock:
+            state = self._state.pop(id(snapshot), None)
+            if state is not None:
+                self._free.append((snapshot, state))
+
+    def clear(self) -> None:
+        """Forget the free copies (their memory is released once nothing else holds them)."""
+        with self._lock:
+            self._free.clear()

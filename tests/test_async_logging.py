@@ -400,3 +400,29 @@ def test_interpreter_exit_waits_for_the_queue(tmp_path):
     acc = read_events(tmp_path)
     assert [e.step for e in acc.Scalars("cnnvis/metrics/slow/x/step")] == [0, 1]
     assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1]
+
+
+def test_frozen_copies_are_refreshed_in_place_and_remade_when_the_model_changes():
+    """The copy the CAM metrics run on the worker: refreshed from the model's parameters and buffers when handed
+    back (no new deep copy), frozen, sharing no memory with the model; a new deep copy once the model's parameters
+    change in name or shape."""
+    from cnnvis_tb.safety import FrozenCopies
+
+    model = TinyCNN().train()
+    copies = FrozenCopies()
+    first = copies.take(model)
+    assert not first.training and all(not p.requires_grad and p.grad is None for p in first.parameters())
+    assert {p.data_ptr() for p in first.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
+    assert copies.take(model) is not first  # still in use: another copy
+    copies.give_back(first)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-2.0)
+    model(torch.rand(2, 3, 16, 16))  # training mode: BatchNorm's running statistics move
+    again = copies.take(model)
+    assert again is first  # refreshed, not copied anew
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    copies.give_back(again)
+    model.head = torch.nn.Linear(16, 7)  # another shape
+    assert copies.take(model) is not first

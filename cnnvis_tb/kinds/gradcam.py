@@ -33,7 +33,7 @@ from cnnvis_tb.kinds.cam_metrics import (
 )
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
 from cnnvis_tb.render import as_rgb, captioned_strip, fit, overlay_heatmap, to_uint8
-from cnnvis_tb.safety import frozen_copy, model_device, model_dtype, preserved
+from cnnvis_tb.safety import FrozenCopies, model_device, model_dtype, preserved
 
 __all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam",
            "CAM_METRICS", "check_cam_metrics"]
@@ -308,6 +308,7 @@ class GradCam(Kind):
         self.metrics = check_cam_metrics(metrics)
         self.deletion_steps = positive_int("deletion_steps", deletion_steps)
         self.background_metrics = bool(background_metrics)
+        self._copies = FrozenCopies()  # the frozen copy of background_metrics, reused from step to step
         self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -395,7 +396,7 @@ class GradCam(Kind):
         if self.metrics in ("default", "all"):
             if self.background_metrics and ctx.info.in_background:
                 try:
-                    computed.snapshot = frozen_copy(ctx.net)
+                    computed.snapshot = self._copies.take(ctx.net)
                 except Exception as e:
                     if ctx.info.strict:
                         raise
@@ -525,8 +526,10 @@ class GradCam(Kind):
         inputs = fit(as_rgb(shown), PANEL, PANEL)
         if computed.snapshot is not None:  # on the worker: the metrics that need the model, on its frozen copy
             net, computed.snapshot = computed.snapshot, None
-            self._model_metrics(ctx, net, computed)
-            del net
+            try:
+                self._model_metrics(ctx, net, computed)
+            finally:
+                self._copies.give_back(net)  # refreshed in place at the next logging step
         for layer in dict.fromkeys(layer for layer, _, _ in computed.raw):
             columns = []  # (overlays [N, 3, panel, panel], method, method label, target key), all images at once
             for spec in self._specs:
@@ -588,6 +591,9 @@ class GradCam(Kind):
                 fulls = [self._previous_maps[(layer, spec.name, key)] for spec in self._specs]  # this step's
                 pairs = [spearman(a, b).mean() for i, a in enumerate(fulls) for b in fulls[i + 1:]]
                 out.scalar(layer, tags.cam_agreement_name(key), torch.stack(pairs).mean().item())
+
+    def close(self) -> None:
+        self._copies.clear()
 
     def _scaled(self, which: tuple[str, str, str], computed: CamStep) -> torch.Tensor:
         """One map set ``[N, H, W]`` in ``[0, 1]`` on the kind's colour scale (see :data:`CAM_SCALES`)."""
