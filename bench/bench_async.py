@@ -7,6 +7,9 @@
     worker's time is waited for outside the timed call (and reported apart).
 (b) Whole-run overhead at the default schedule on the demo training (as ``bench_step.py`` (b)): runs without the
     logger, with it synchronous and with it asynchronous advance in lockstep, step by step, order rotating.
+(c) The same over 1,001 steps (so activation maximization, at its default interval of 1,000, runs once), async on:
+    without the logger; with every kind but the two optimizing ones (actmax, deepdream) every 50 steps; at the
+    default schedule with ``actmax_background=True``.
 
     python bench/bench_async.py [--quick]
 """
@@ -31,20 +34,18 @@ from cnnvis_tb.safety import preserved
 KINDS = ["features", "gradcam"]
 
 
-def blocking(name: str, model: torch.nn.Module, size: int, rounds: int, all_metrics: bool = True) -> list[Row]:
-    """(a) for one model; ``all_metrics``: also with the default ``cam_metrics`` (deletion / insertion run
-    ``2·(steps − 1)`` perturbed forwards per map on the training thread: about a minute per step on ResNet-18 224 px
-    on 2 busy cores, so that model is timed with ``cam_metrics="cheap"`` only)."""
+def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[Row]:
+    """(a) for one model, with the default ``cam_metrics`` (with async on, those that run the model run on the
+    worker, on a frozen copy) and with ``cam_metrics="cheap"``."""
     images, labels = shapes_probe(8, size)
     dirs = [tempfile.TemporaryDirectory(prefix="bench_async_") for _ in range(4)]
     common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, kinds=KINDS, every=1, strict=True)
     loggers = {
-        "sync, cheap metrics": VisLogger(model, dirs[2].name, cam_metrics="cheap", **common),
+        "sync, cheap metrics": VisLogger(model, dirs[2].name, cam_metrics="cheap", async_logging=False, **common),
         "async, cheap metrics": VisLogger(model, dirs[3].name, cam_metrics="cheap", async_logging=True, **common),
+        "sync": VisLogger(model, dirs[0].name, async_logging=False, **common),
+        "async": VisLogger(model, dirs[1].name, async_logging=True, **common),
     }
-    if all_metrics:
-        loggers["sync"] = VisLogger(model, dirs[0].name, **common)
-        loggers["async"] = VisLogger(model, dirs[1].name, async_logging=True, **common)
     ref = loggers["sync, cheap metrics"]
     needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in ref._kinds), Needs())
 
@@ -115,6 +116,34 @@ def run_overhead(steps: int) -> list[Row]:
     ]
 
 
+EVERY_50 = ["gradcam", "features", "kernels", "histograms", "health", "saliency"]
+
+
+def run_overhead_more(steps: int) -> list[Row]:
+    """(c) Whole-run overhead, async on: every kind but actmax and deepdream every 50 steps; the default schedule
+    with activation maximization on its snapshot path (it runs at step 1,000, so the run has 1,001 steps)."""
+    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
+    plain = TrainingRun(steps, False, train, test)
+    every50 = TrainingRun(steps, True, train, test, vis_options={"kinds": EVERY_50, "every": 50})
+    actmax = TrainingRun(steps, True, train, test, vis_options={"actmax_background": True})
+    runs = [plain, every50, actmax]
+    for i in range(steps):
+        for run in runs[i % 3:] + runs[: i % 3]:
+            run.advance()
+    finals = [run.finish() for run in runs]
+    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
+    over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("50", every50), ("actmax", actmax))}
+    return [
+        info(f"demo run, {steps} steps: without / every kind every 50 / defaults + background actmax",
+             f"{plain.seconds:.1f} s / {every50.seconds:.1f} s / {actmax.seconds:.1f} s"),
+        check(f"demo run overhead, async, {', '.join(EVERY_50)} every 50 steps ({steps} steps, interleaved)",
+              over["50"], "<=", 3, fmt="{:.1f}", unit=" %"),
+        check(f"demo run overhead, async, defaults with actmax_background=True (actmax at step 1,000; {steps} steps)",
+              over["actmax"], "<=", 2, fmt="{:.1f}", unit=" %"),
+        Row("final parameters of those runs bit-identical", "yes" if identical else "no", "yes", identical),
+    ]
+
+
 def main(argv=None) -> list[Row]:
     args = parse_args(__doc__.splitlines()[0], argv)
     print("(a) blocking time of a features + Grad-CAM logging step: demo CNN ...", flush=True)
@@ -122,11 +151,12 @@ def main(argv=None) -> list[Row]:
     rows = blocking("SmallCNN 32 px", SmallCNN(), 32, rounds=4 if args.quick else 12)
     print("(a) ... ResNet-18 ...", flush=True)
     torch.manual_seed(0)
-    rows += blocking("ResNet-18 224 px", torchvision.models.resnet18(weights=None), 224, rounds=2 if args.quick else 5,
-                     all_metrics=False)
+    rows += blocking("ResNet-18 224 px", torchvision.models.resnet18(weights=None), 224, rounds=2 if args.quick else 5)
     steps = 150 if args.quick else 600
     print(f"(b) whole demo run, {steps} steps, without / sync / async interleaved ...", flush=True)
     rows += run_overhead(steps)
+    print("(c) whole demo run, 1,001 steps: every kind every 50 steps; actmax in the background ...", flush=True)
+    rows += run_overhead_more(201 if args.quick else 1001)
     return finish("Asynchronous logging: training-thread cost", rows, args)
 
 

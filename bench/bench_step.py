@@ -72,7 +72,8 @@ class TrainingRun:
 
     Each run keeps its own copy of the global RNG state (dropout draws from it) and its DataLoader has its
     own generator, so interleaving two runs changes nothing about either. Only the run's own work is timed:
-    logger construction, each step (batch, forward, backward, optimizer, scheduler, ``vis.step``), ``close()``.
+    logger construction, each step (batch, forward, backward, optimizer, scheduler, ``vis.step`` and, with
+    asynchronous logging, the wait for its worker), ``close()``.
     """
 
     def __init__(self, steps: int, with_vis: bool, train: ShapesDataset, test: ShapesDataset, seed: int = 0,
@@ -118,6 +119,10 @@ class TrainingRun:
             self.vis.step(self.step)
             if self.step == 0 and self.extra_at_zero:
                 self.vis.log_now(0, kinds=list(self.extra_at_zero))
+            # With asynchronous logging, the worker's rendering and writing is waited for here, inside this run's
+            # own time: interleaved with other runs, it would otherwise run (and be paid for) during their steps.
+            # An upper bound of what it costs: a worker that overlapped training would cost less.
+            self.vis.wait()
         self.step += 1
 
     def advance(self) -> None:
