@@ -2,11 +2,13 @@
 
     python bench/bench_longrun.py            # 1,000 logging steps (several minutes on 2 cores)
     python bench/bench_longrun.py --steps 200
+    python bench/bench_longrun.py --sync     # with async_logging=False
 
-Logs the cheap kinds (kernels, features, Grad-CAM, histograms) at every step of a demo CNN that keeps
-training, and reports: the process's resident memory and live Python objects growth from the first tenth of the run to
-the end, and the event file's bytes per logging step over the first and the second half (equal halves mean the
-size is linear in steps).
+Logs kernels, features, Grad-CAM (with its default metrics, which run on the worker's frozen copy of the model),
+histograms and health at every step of a demo CNN that keeps training, with asynchronous logging (the default),
+and reports: the process's resident memory, live Python objects and live tensors growth from the first tenth of the
+run to the end, and the event file's bytes per logging step over the first and the second half (equal halves mean
+the size is linear in steps).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def events_bytes(folder: Path) -> int:
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--sync", action="store_true", help="async_logging=False")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = ShapesDataset(1024, 32, seed=0)
@@ -47,7 +50,8 @@ def main(argv=None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "run"
         vis = VisLogger(model, folder, probe=data, mean=data.mean, std=data.std, every=1,
-                        kinds=["kernels", "features", "gradcam", "histograms"])
+                        kinds=["kernels", "features", "gradcam", "histograms", "health"],
+                        async_logging=not args.sync)
         marks: dict[int, tuple[float, int, int]] = {}
         first_mark = max(1, args.steps // 10)
         start = time.perf_counter()
@@ -59,16 +63,22 @@ def main(argv=None) -> dict[str, float]:
             opt.step()
             vis.step(step)
             if step in (first_mark, args.steps // 2, args.steps):
+                vis.wait()  # the step's work is done (and its memory released) before the count
                 gc.collect()
-                marks[step] = (rss_mb(), len(gc.get_objects()), events_bytes(folder))
+                objects = gc.get_objects()
+                tensors = sum(1 for o in objects if isinstance(o, torch.Tensor))
+                marks[step] = (rss_mb(), len(objects), tensors, events_bytes(folder))
         elapsed = time.perf_counter() - start
         vis.close()
-    (rss0, heap0, size0), (_, _, size_half), (rss1, heap1, size1) = (marks[k] for k in sorted(marks))
+    (rss0, heap0, t0, size0), (_, _, _, size_half), (rss1, heap1, t1, size1) = (marks[k] for k in sorted(marks))
     half = args.steps // 2
     figures = {
         "logging steps": args.steps,
+        "async_logging": float(not args.sync),
         f"RSS growth (MB), step {first_mark} → {args.steps}": rss1 - rss0,
         "live Python objects growth": heap1 - heap0,
+        "live tensors growth": t1 - t0,
+        f"live tensors at step {first_mark}": t0,
         "event bytes / logging step, 1st half": (size_half - size0) / max(1, half - first_mark),
         "event bytes / logging step, 2nd half": (size1 - size_half) / max(1, args.steps - half),
         "seconds": elapsed,

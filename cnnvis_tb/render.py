@@ -278,28 +278,38 @@ def _atlas(font_size: int) -> _GlyphAtlas:
     return _GlyphAtlas(font_size)
 
 
-@functools.lru_cache(maxsize=4096)
-def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
-    """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (cached: labels repeat every
-    logging step). Text too long for ``width`` is shortened with an ellipsis so it stays readable."""
+#: Caption lines kept rendered (labels repeat every logging step; most other lines, such as channel lists, do
+#: not): each is its coverage, ``(font_size + 3) · width`` bytes, so at most about 10 MB for 600 px wide lines.
+TEXT_CACHE_LINES = 1024
+
+
+@functools.lru_cache(maxsize=TEXT_CACHE_LINES)
+def _line_ink(text: str, width: int, font_size: int) -> torch.Tensor:
+    """The ink of one caption line: ``[font_size + 3, width]`` uint8 coverage (255 = full ink). Text too long for
+    ``width`` is shortened with an ellipsis so it stays readable."""
     import numpy as np
 
     atlas = _atlas(font_size)
     if atlas.covers(text):
         while len(text) > 1 and atlas.length(text) > width - 4:
             text = text[:-2] + "…"
-        coverage = torch.from_numpy(atlas.draw(text, width))
-        return (1 - coverage * (1 - _TEXT_INK)).expand(3, -1, -1).contiguous()
+        # The atlas's coverage values are k / 255 (Pillow's 8-bit glyphs, combined by maximum): exact in uint8.
+        return torch.from_numpy(np.rint(atlas.draw(text, width) * 255).astype(np.uint8))
     from PIL import Image, ImageDraw
 
     font = _font(font_size)
-    canvas = Image.new("RGB", (width, font_size + 3), (255, 255, 255))
+    canvas = Image.new("L", (width, font_size + 3), 0)
     draw = ImageDraw.Draw(canvas)
     while len(text) > 1 and draw.textlength(text, font=font) > width - 4:
         text = text[:-2] + "…"
-    draw.text((2, 0), text, fill=(20, 20, 20), font=font)
-    line = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return line.contiguous()
+    draw.text((2, 0), text, fill=255, font=font)
+    return torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy())
+
+
+def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
+    """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (see :func:`_line_ink`)."""
+    coverage = _line_ink(text, width, font_size).float() / 255
+    return (1 - coverage * (1 - _TEXT_INK)).expand(3, -1, -1)
 
 
 @torch.no_grad()

@@ -121,6 +121,25 @@ def test_caption_lines_from_the_glyph_atlas_match_pillows_own_drawing():
     assert _text_line("naïve", 60, 11).shape == (3, 14, 60)  # characters outside the atlas are drawn by Pillow
 
 
+def test_the_caption_cache_is_bounded_in_lines_and_keeps_one_byte_per_pixel():
+    """Lines that never repeat (channel lists, probabilities) once filled a 4,096-line cache of float RGB lines: about
+    300 MB for 600 px wide captions, growing over a run. Now at most TEXT_CACHE_LINES lines of uint8 coverage."""
+    import gc
+
+    from cnnvis_tb.render import TEXT_CACHE_LINES, _line_ink, caption
+
+    _line_ink.cache_clear()
+    image = torch.zeros(3, 4, 600)
+    for i in range(TEXT_CACHE_LINES + 500):
+        caption(image, [f"top channels: {i}, {i + 1}, {i + 2}"])
+    assert _line_ink.cache_info().currsize == TEXT_CACHE_LINES
+    gc.collect()
+    lines = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape[-2:] == (14, 600)]
+    assert all(t.dtype == torch.uint8 and t.dim() == 2 for t in lines)
+    assert sum(t.numel() for t in lines) <= TEXT_CACHE_LINES * 14 * 600  # 8.6 MB
+    _line_ink.cache_clear()
+
+
 def _caption_line(text: str, width: int) -> torch.Tensor:
     """The one text line of a caption under a 1-pixel-high image: rows 3..16 (after the image and 2 white rows)."""
     return caption(torch.zeros(3, 1, width), [text])[:, 3:17]
