@@ -23,6 +23,8 @@ __all__ = [
     "to_uint8",
     "caption",
     "captioned_strip",
+    "captioned_strips",
+    "captions",
     "grid_boxes",
     "upscale",
     "fit",
@@ -327,6 +329,53 @@ def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -
     return torch.cat([image.float(), margin, *rows, margin], dim=1)
 
 
+@torch.no_grad()
+def captions(images: torch.Tensor, lines: Sequence[Sequence[str]], *, font_size: int = 11) -> torch.Tensor:
+    """:func:`caption` for a batch: ``[N, 3, H, W]`` images and each one's lines (the same number for every image)
+    → ``[N, 3, H + band, W]``, the text bands of all images composed at once (one tensor op for the ink, one copy)."""
+    images = _check_tensor(images, "images")
+    if images.dim() != 4 or len(lines) != images.shape[0]:
+        raise ValueError(f"captions needs [N, 3, H, W] images and N lists of lines, got {tuple(images.shape)} and "
+                         f"{len(lines)}")
+    count = {len(text) for text in lines}
+    if len(count) > 1:
+        raise ValueError(f"every image needs as many caption lines, got {sorted(count)}")
+    if not lines or not count.pop():
+        return images
+    n, _, _, width = images.shape
+    ink = torch.stack([torch.cat([_line_ink(str(t), width, font_size) for t in text]) for text in lines])
+    band = (1 - ink.to(images.device).float() / 255 * (1 - _TEXT_INK))[:, None].expand(n, 3, -1, -1)
+    margin = images.new_ones((n, 3, 2, width), dtype=torch.float32)
+    return torch.cat([images.float(), margin, band, margin], dim=2)
+
+
+def captioned_strips(
+    columns: Sequence[torch.Tensor],
+    lines: Sequence[Sequence[Sequence[str]]],
+    keys: Sequence[str],
+    labels: Sequence[str] | None = None,
+    *,
+    padding: int = 2,
+) -> tuple[torch.Tensor, list[list[dict]]]:
+    """:func:`captioned_strip` for a batch of N strips laid out alike: ``columns`` are the K panels' pictures
+    ``[N, 3, h, w]`` each, ``lines[i][k]`` the caption lines of panel ``k`` of strip ``i``. Returns ``[N, 3, H, W]``
+    and each strip's panel records. Captions and layout are composed for all N·K panels at once."""
+    if not columns or len(columns) != len(keys) or any(len(row) != len(columns) for row in lines):
+        raise ValueError(f"captioned_strips needs K columns, K keys and K caption lists per strip (got "
+                         f"{len(columns)}, {len(keys)}, {sorted({len(row) for row in lines})})")
+    panels = torch.stack([c.float() for c in columns], dim=1)  # [N, K, 3, h, w]
+    n, k, _, h, w = panels.shape
+    if len(lines) != n:
+        raise ValueError(f"captioned_strips needs one caption row per strip: {len(lines)} rows for {n} strips")
+    captioned = captions(panels.flatten(0, 1), [text for row in lines for text in row])
+    strips = make_grids(captioned.view(n, k, *captioned.shape[1:]), ncol=k, padding=padding)
+    labels = list(keys) if labels is None else list(labels)
+    records = [[{"key": key, "label": label, "box": [padding + j * (w + padding), padding, w, h],
+                 "text": [str(t) for t in text]}
+                for j, (key, label, text) in enumerate(zip(keys, labels, row, strict=True))] for row in lines]
+    return strips, records
+
+
 def captioned_strip(
     images: Sequence[torch.Tensor],
     lines: Sequence[Sequence[str]],
@@ -352,8 +401,8 @@ def captioned_strip(
         raise ValueError(f"captioned_strip needs as many images, caption line lists and keys (got {len(images)}, "
                          f"{len(lines)}, {len(keys)}), at least one")
     h, w = images[0].shape[-2:]
-    strip = make_grid(torch.stack([caption(image, text) for image, text in zip(images, lines, strict=True)]),
-                      ncol=len(images), padding=padding)
+    strip = make_grid(captions(torch.stack([image.float() for image in images]), lines), ncol=len(images),
+                      padding=padding)
     labels = list(keys) if labels is None else list(labels)
     records = [{"key": key, "label": label, "box": [padding + i * (w + padding), padding, w, h],
                 "text": [str(t) for t in text]}

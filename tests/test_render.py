@@ -161,3 +161,22 @@ def test_a_caption_too_long_for_the_image_is_a_prefix_and_an_ellipsis(text):
                 and torch.equal(candidate[:, :, :width], shown)]
     assert len(prefixes) == 1, prefixes
     assert (shown[:, :, 3 * width // 4 :] < 0.9).any()  # and it uses the width: not shortened more than needed
+
+
+def test_batched_captions_and_strips_equal_the_one_at_a_time_ones():
+    from cnnvis_tb.render import caption, captioned_strip, captioned_strips, captions
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 3, 20, 30, generator=g)
+    lines = [["input", "true: circle"], ["Grad-CAM", "pred: class 3 · 25%"], ["naïve", "x"]]  # one line by Pillow
+    batched = captions(images, lines)
+    for i in range(3):
+        assert torch.equal(batched[i], caption(images[i], lines[i]))
+    columns = [torch.rand(2, 3, 16, 16, generator=g) for _ in range(3)]
+    rows = [[["a", f"{i}"], ["b", "c"], ["d", "e · 9%"]] for i in range(2)]
+    strips, records = captioned_strips(columns, rows, ["input", "gradcam/true", "gradcam/pred"])
+    for i in range(2):
+        strip, panels = captioned_strip([c[i] for c in columns], rows[i], ["input", "gradcam/true", "gradcam/pred"])
+        assert torch.equal(strips[i], strip) and records[i] == panels
+    with pytest.raises(ValueError, match="as many caption lines"):
+        captions(images, [["a"], ["b", "c"], ["d"]])

@@ -32,7 +32,7 @@ from cnnvis_tb.kinds.cam_metrics import (
     top_iou,
 )
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
-from cnnvis_tb.render import as_rgb, captioned_strip, fit, overlay_heatmap, to_uint8
+from cnnvis_tb.render import as_rgb, captioned_strips, fit, overlay_heatmap, to_uint8
 from cnnvis_tb.safety import FrozenCopies, model_device, model_dtype, preserved
 
 __all__ = ["cam", "grad_cam", "cam_from_gradients", "normalize_maps", "resolve_targets", "target_scorer", "GradCam",
@@ -536,17 +536,17 @@ class GradCam(Kind):
                 for key in order:
                     maps = self._scaled((layer, spec.name, key), computed).cpu()
                     columns.append((fit(overlay_heatmap(shown, maps), PANEL, PANEL), spec.name, spec.label, key))
+            keys = ["input"] + [f"{method}/{key}" for _, method, _, key in columns]
+            labels = ["input"] + [f"{label} · {key}" for _, _, label, key in columns]
+            lines = []
             for i in range(shown.shape[0]):
                 true = f"true: {label_of(int(targets['true'][i]))}" if "true" in targets else "label unknown"
-                images, lines, keys, labels = [inputs[i]], [["input", true]], ["input"], ["input"]
-                for overlays, method, label, key in columns:
-                    cls = int(targets[key][i])
-                    images.append(overlays[i])
-                    lines.append([label, f"{key}: {label_of(cls)} · {probs[i, cls]:.0%}"])
-                    keys.append(f"{method}/{key}")
-                    labels.append(f"{label} · {key}")
-                strip, panels = captioned_strip(images, lines, keys, labels)
-                out.image(layer, tags.probe_view(i), to_uint8(strip), panels)
+                lines.append([["input", true]] + [
+                    [label, f"{key}: {label_of(int(targets[key][i]))} · {probs[i, int(targets[key][i])]:.0%}"]
+                    for _, _, label, key in columns])
+            strips, records = captioned_strips([inputs] + [overlays for overlays, *_ in columns], lines, keys, labels)
+            for i, (strip, panels) in enumerate(zip(to_uint8(strips), records, strict=True)):
+                out.image(layer, tags.probe_view(i), strip, panels)
             if self.metrics:
                 self._log_metrics(ctx, out, layer, order, computed, size)
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
