@@ -15,6 +15,10 @@ activation maximization by default:
 * quality: for each layer, the fraction of 16 channels whose synthesized image excites the channel more
   than every one of 64 held-out ``ShapesDataset`` images does (objective: the channel's spatial mean
   activation at that layer, model in eval mode, no augmentation);
+* diversity: ``diversity=3`` (three images per channel, pushed apart by their Gram matrices) on the same 16
+  channels of each layer: the mean pairwise cosine similarity of the Gram matrices of the layer's activation of
+  one channel's images, with the default weight vs weight 0 (three images from different noise, not pushed
+  apart), and the fraction of channels whose three images all beat every held-out image (target >= 90 %);
 * background: ``VisLogger(..., actmax_background=True)``: time ``vis.log_now(step, kinds=["actmax"])`` blocks
   the training thread, as a fraction of the synchronous call on the same model state; training steps then
   go on while the worker runs; after ``close()`` the events are read back with TensorBoard's
@@ -51,7 +55,7 @@ from torch import nn
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
 from cnnvis_tb.demo import MEAN, STD
 from cnnvis_tb.hooks import capture
-from cnnvis_tb.kinds.actmax import DEFAULT_STEPS
+from cnnvis_tb.kinds.actmax import DEFAULT_DIVERSITY_WEIGHT, DEFAULT_STEPS, gram_similarity
 from cnnvis_tb.safety import preserved
 
 K = 16
@@ -138,6 +142,28 @@ def quality(model: nn.Module, layer: str, channels: list[int], images: torch.Ten
                  unit=" %")
 
 
+def diversity(model: nn.Module, layer: str, channels: list[int], probe: torch.Tensor, d: int = 3) -> list[Row]:
+    """Gram-matrix cosine of one channel's ``d`` images with and without the diversity penalty, and the fraction
+    of channels whose ``d`` images (with it) all beat every probe image."""
+    best_real = channel_means(model, probe, layer)[:, channels].amax(dim=0)
+    wanted = torch.tensor(channels).repeat_interleave(d)
+    cosine, wins = {}, 0.0
+    for weight in (0.0, DEFAULT_DIVERSITY_WEIGHT):
+        images = activation_maximization(model, layer, channels, SIZE, mean=MEAN, std=STD, steps=STEPS,
+                                         diversity=d, diversity_weight=weight)
+        acts = feature_maps(model, normalize(images), [layer])[layer]
+        sim = gram_similarity(acts, d)
+        cosine[weight] = float(((sim.sum(dim=(1, 2)) - d) / (d * (d - 1))).mean())
+        synth = acts.mean(dim=(2, 3))[torch.arange(len(wanted)), wanted].view(-1, d)
+        wins = float((synth > best_real[:, None]).all(dim=1).float().mean())
+    return [
+        info(f"actmax diversity={d} at {layer}: mean Gram cosine of one channel's images, weight "
+             f"{DEFAULT_DIVERSITY_WEIGHT} / weight 0", f"{cosine[DEFAULT_DIVERSITY_WEIGHT]:.3f} / {cosine[0.0]:.3f}"),
+        check(f"actmax diversity={d} at {layer}: channels whose {d} images all beat all {len(probe)} probe images",
+              100 * wins, ">=", 90, fmt="{:.0f}", unit=" %"),
+    ]
+
+
 def decode(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
@@ -216,6 +242,9 @@ def main(argv=None) -> list[Row]:
             synthesized[layer] = activation_maximization(model, layer, channels, SIZE, mean=MEAN, std=STD,
                                                          steps=STEPS)
         rows.append(quality(model, layer, channels, synthesized[layer], probe))
+    print("diversity ...", flush=True)
+    for layer in layers:
+        rows += diversity(model, layer, spread(widths[layer], K), probe)
     print("background mode ...", flush=True)
     rows += background(model, probe, labels, rounds=2 if args.quick else 4)
     return finish("Activation maximization", rows, args)

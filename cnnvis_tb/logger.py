@@ -119,6 +119,7 @@ class VisLogger:
         actmax_steps: gradient-ascent steps per activation-maximization log.
         actmax_background: optimize on a frozen snapshot of the model in a worker thread, so the training
             loop is blocked only while the snapshot is taken; results are logged at the snapshot's step.
+        actmax_diversity: activation-maximization images per channel (1: one), pushed apart by their Gram matrices.
         max_kernels: at most this many kernels per kernel grid.
         output_selector: picks the ``[N, classes]`` scores from a model that returns a tuple or dict.
         seed: seed of the logger's own random generator (activation maximization).
@@ -157,6 +158,7 @@ class VisLogger:
         actmax_channels: int | Mapping[str, Sequence[int]] = 8,
         actmax_steps: int = DEFAULT_STEPS,
         actmax_background: bool = False,
+        actmax_diversity: int = 1,
         max_kernels: int = 64,
         output_selector: Callable[[object], torch.Tensor] | None = None,
         saliency_methods: str | Sequence[str] = "vanilla",
@@ -181,6 +183,7 @@ class VisLogger:
             kinds=kinds, probe_size=probe_size, top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
             actmax_channels=actmax_channels, output_selector=output_selector, saliency_methods=saliency_methods,
             actmax_background=actmax_background, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
+            actmax_diversity=actmax_diversity,
             cam_scale=cam_scale, cam_metrics=cam_metrics, probe_boxes=probe_boxes, probe_masks=probe_masks,
             graph=graph, async_logging=async_logging, max_pending=max_pending,
         )

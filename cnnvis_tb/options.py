@@ -58,6 +58,7 @@ def check_options(
     output_selector: Callable[[object], torch.Tensor] | None = None,
     saliency_methods: str | Iterable[str] = "vanilla",
     actmax_background: bool = False,
+    actmax_diversity: int = 1,
     cam_methods: str | Iterable[str] = ("gradcam", "gradcam++"),
     cam_batch_size: int = 64,
     cam_scale: str = "image",
@@ -71,6 +72,7 @@ def check_options(
     """Check every option that does not depend on the model; raise with what was expected and what was given."""
     kind_options = dict(top_k=top_k, max_kernels=max_kernels, actmax_steps=actmax_steps,
                         actmax_channels=actmax_channels, actmax_background=actmax_background,
+                        actmax_diversity=actmax_diversity,
                         saliency_methods=saliency_methods, cam_methods=cam_methods, cam_batch_size=cam_batch_size,
                         cam_scale=cam_scale, cam_metrics=cam_metrics)
     checked_kinds = resolve_kinds(kinds, kind_options)

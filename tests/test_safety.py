@@ -33,7 +33,7 @@ def _train(log_dir=None, *, call_between=False, async_logging=False):
         # DeepDream with 2 octaves of 2 steps: the same code as the default 3 x 10, at a tenth of the cost
         kinds = [k for k in ALL_KINDS if k != "deepdream"] + [DeepDream(octaves=2, steps=2)]
         vis = VisLogger(model, log_dir, probe=probe, probe_labels=labels, every=1, kinds=kinds,
-                        strict=True, actmax_steps=2, actmax_channels=2,
+                        strict=True, actmax_steps=2, actmax_channels=2, actmax_diversity=2,
                         saliency_methods=SALIENCY_METHODS, cam_methods=tuple(CAM_METHODS), cam_metrics="all",
                         probe_boxes=[[2, 2, 10, 12]] * len(labels),  # every metric on, the costly ones too
                         graph=True,  # and the model's graph, traced at the first step

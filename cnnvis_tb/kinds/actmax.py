@@ -4,8 +4,11 @@ All channels (of one or several layers) are optimized together as ONE batch: ima
 maximizes channel ``c_k`` of layer ``l_k``. That is valid because the model runs in eval mode, where no layer
 mixes the images of a batch. The images live in ``[0, 1]`` pixel space (sigmoid of a free parameter, in
 Fourier space with 1/f scaling and colour decorrelation by default) and are normalized with the model's
-``mean``/``std`` before the forward pass. Each step applies random jitter and scaling (from our own
-``torch.Generator``, never the global RNG) and penalizes total variation and L2 distance from grey.
+``mean``/``std`` before the forward pass. Each step applies one random affine warp to the whole batch (shift,
+scale, small rotation over a padded border, magnitudes scaled to the input size; see :class:`ActMaxConfig`) from
+our own ``torch.Generator``, never the global RNG, and penalizes total variation and L2 distance from grey.
+With ``diversity=d > 1`` every channel gets ``d`` images in the same batch, pushed apart by the cosine similarity
+of the Gram matrices of the layer's activation (the diversity objective of the feature-visualization literature).
 Gradients are taken with ``torch.autograd.grad`` with respect to the image parameter only, so the model's
 parameters and their ``.grad`` are never touched.
 """
@@ -33,7 +36,8 @@ _log = logging.getLogger("cnnvis_tb")
 
 __all__ = [
     "activation_maximization", "ActMaxConfig", "optimize_channels", "channel_scores", "conv_target_channels",
-    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR", "ActMax", "BackgroundWork",
+    "conv_mean_as_linear", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_DIVERSITY_WEIGHT", "ActMax", "BackgroundWork",
+    "Transforms", "transform_sizes", "gram_similarity",
 ]
 
 # Square root of the colour correlation of natural images (ImageNet), as used for decorrelated
@@ -48,26 +52,112 @@ DEFAULT_STEPS = 24
 DEFAULT_LR = 0.5
 
 
+#: Weight of the diversity penalty, relative to the group's mean activation (see :class:`ActMaxConfig`).
+DEFAULT_DIVERSITY_WEIGHT = 0.5
+
+_PAD_MODES = ("reflect", "constant")
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """Magnitudes of the random warp of one optimization step: ``pad`` and ``jitter`` in pixels, ``scale`` the
+    largest relative change of size (``0.1``: 0.9x to 1.1x), ``rotate`` the largest rotation in degrees."""
+
+    pad: int
+    jitter: int
+    scale: float
+    rotate: float
+
+
+def transform_sizes(size: tuple[int, int] | int) -> Transforms:
+    """The default transform magnitudes for an input of ``size`` (``(H, W)`` or ``S``), from its shorter side ``s``.
+
+    ``pad = ceil(s / 16)``, ``jitter = ceil(s / 28)``, ``scale = 0.05 + 0.05 t`` and ``rotate = round(10 t)`` degrees
+    with ``t = clamp((s - 32) / 192, 0, 1)``: a 224 px model gets the strength of the usual ImageNet recipe
+    (pad 14, jitter 8, 0.9x-1.1x, +-10 degrees), a 32 px one stays sharp (pad 2, jitter 2, 0.95x-1.05x, no rotation).
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    side = min(int(h), int(w))
+    t = min(1.0, max(0.0, (side - 32) / 192))
+    return Transforms(pad=math.ceil(side / 16), jitter=math.ceil(side / 28), scale=0.05 + 0.05 * t,
+                      rotate=float(round(10 * t)))
+
+
+def _check_count(name: str, value, minimum: int, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be None (scaled to the input size) or an int >= {minimum} ({what}), "
+                         f"got {value!r}")
+
+
+def check_diversity(diversity, weight, prefix: str = "") -> None:
+    """``diversity`` an int >= 1 (images per channel, 1 = off), ``weight`` a finite number >= 0."""
+    if isinstance(diversity, bool) or not isinstance(diversity, int) or diversity < 1:
+        raise ValueError(f"{prefix}diversity must be an int >= 1: the number of images per channel, pushed apart "
+                         f"from each other (1 = off, e.g. 3), got {diversity!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{prefix}diversity_weight must be a finite number >= 0 (0 = images per channel not pushed "
+                         f"apart; default {DEFAULT_DIVERSITY_WEIGHT}), got {weight!r}")
+
+
 @dataclass(frozen=True)
 class ActMaxConfig:
-    """Knobs of the optimization. Defaults suit 32–64 px models on a CPU; scale jitter up for 224 px."""
+    """Knobs of the optimization.
+
+    Transforms: every step warps the whole batch with ONE random affine map drawn from our own generator (the
+    same for every image, so batched and one-at-a-time results agree): a shift of up to ``jitter`` pixels, a
+    scaling by up to ``1 +- scale`` and a rotation by up to ``+-rotate`` degrees, at the input size, the border
+    the warp uncovers coming from ``pad`` pixels of ``pad_mode`` padding (``"reflect"`` or ``"constant"`` grey).
+    ``None`` (the default) scales each to the input's shorter side ``s`` (:func:`transform_sizes`):
+    ``pad = ceil(s/16)``, ``jitter = ceil(s/28)``, ``scale = 0.05..0.1`` and ``rotate = 0..10`` degrees, growing
+    linearly from 32 px to 224 px: 224 px gets pad 14, jitter 8, 0.9x-1.1x and +-10 degrees (the usual ImageNet
+    recipe); 32 px gets pad 2, jitter 2, 0.95x-1.05x and no rotation (as sharp as before).
+
+    Diversity: ``diversity = d > 1`` optimizes ``d`` images per channel in the same batch (``K d`` images) and
+    subtracts from the objective, per channel, ``diversity_weight`` x the group's mean activation (detached, so the
+    weight means the same on any layer) x the mean pairwise cosine similarity of the images' Gram matrices
+    (channels x channels of the layer's activation, flattened over space). ``d = 1`` (the default) is off.
+    """
 
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
-    jitter: int = 2
-    scales: tuple[float, ...] = (0.95, 1.0, 1.05)
+    jitter: int | None = None
+    pad: int | None = None
+    scale: float | None = None
+    rotate: float | None = None
+    pad_mode: str = "reflect"
     tv_weight: float = 0.05
     l2_weight: float = 0.01
     fourier: bool = True
     seed: int = 0
+    diversity: int = 1
+    diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.jitter < 0:
-            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+        _check_count("jitter", self.jitter, 0, "largest random shift in pixels")
+        _check_count("pad", self.pad, 0, "pixels of padding around the image before the warp")
+        if self.scale is not None and not 0 <= self.scale < 1:
+            raise ValueError(f"scale must be None (scaled to the input size) or in [0, 1) (largest relative change "
+                             f"of size, e.g. 0.1), got {self.scale!r}")
+        if self.rotate is not None and not 0 <= self.rotate <= 180:
+            raise ValueError(f"rotate must be None (scaled to the input size) or in [0, 180] degrees, "
+                             f"got {self.rotate!r}")
+        if self.pad_mode not in _PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {_PAD_MODES}, got {self.pad_mode!r}")
+        check_diversity(self.diversity, self.diversity_weight)
+
+    def transforms(self, size: tuple[int, int]) -> Transforms:
+        """The magnitudes for an input of ``size``: the ones given, the rest from :func:`transform_sizes`."""
+        auto = transform_sizes(size)
+        return Transforms(
+            pad=auto.pad if self.pad is None else self.pad,
+            jitter=auto.jitter if self.jitter is None else self.jitter,
+            scale=auto.scale if self.scale is None else float(self.scale),
+            rotate=auto.rotate if self.rotate is None else float(self.rotate),
+        )
 
 
 class _Parametrization:
@@ -101,26 +191,33 @@ class _Parametrization:
         return torch.sigmoid(x)
 
 
-def _augment(x: torch.Tensor, cfg: ActMaxConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random jitter (circular shift) and scaling, keeping the size so any head still fits."""
+def _augment(x: torch.Tensor, t: Transforms, pad_mode: str, generator: torch.Generator) -> torch.Tensor:
+    """One random warp of the whole batch ``[N, C, H, W]`` (see :class:`ActMaxConfig`), keeping the size so any
+    head still fits. Always the same draws from ``generator`` (a shift, then a scale and an angle)."""
     h, w = x.shape[-2:]
-    if len(cfg.scales) > 1 or cfg.scales[0] != 1.0:
-        i = int(torch.randint(len(cfg.scales), (1,), generator=generator, device=generator.device))
-        s = cfg.scales[i]
-        if s != 1.0:
-            scaled = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            sh, sw = scaled.shape[-2:]
-            if s > 1.0:
-                top, left = (sh - h) // 2, (sw - w) // 2
-                x = scaled[..., top : top + h, left : left + w]
-            else:
-                pad = (0, w - sw, 0, h - sh)
-                x = F.pad(scaled, pad, mode="replicate")
-    if cfg.jitter:
-        shift = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=generator, device=generator.device)
-        dy, dx = shift.tolist()
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    return x
+    device = generator.device
+    if t.jitter:
+        dy, dx = torch.randint(-t.jitter, t.jitter + 1, (2,), generator=generator, device=device).tolist()
+    else:
+        dy = dx = 0
+    u_scale, u_angle = (torch.rand(2, generator=generator, device=device) * 2 - 1).tolist()
+    s = 1.0 + t.scale * u_scale
+    angle = math.radians(t.rotate * u_angle)
+    pad = min(t.pad, h - 1, w - 1) if pad_mode == "reflect" else t.pad
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode=pad_mode, **({"value": 0.5} if pad_mode == "constant" else {}))
+    if s == 1.0 and angle == 0.0 and abs(dy) <= pad and abs(dx) <= pad:  # a plain shift: a crop, exactly
+        return x[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+    # The source point of each output pixel, in pixels from the centre: rotate and scale back, then unshift;
+    # normalized to the padded image (align_corners=False), beyond which edge pixels repeat.
+    ys = torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - h / 2
+    xs = torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - w / 2
+    yo, xo = torch.meshgrid(ys, xs, indexing="ij")
+    cos, sin = math.cos(angle) / s, math.sin(angle) / s
+    src_x = (cos * xo + sin * yo - dx) / ((w + 2 * pad) / 2)
+    src_y = (-sin * xo + cos * yo - dy) / ((h + 2 * pad) / 2)
+    grid = torch.stack([src_x, src_y], dim=-1).expand(x.shape[0], h, w, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -134,6 +231,33 @@ def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def gram_similarity(acts: torch.Tensor, group: int) -> torch.Tensor:
+    """Cosine similarity of the Gram matrices of ``acts`` ``[G * group, C, ...]`` within each group of ``group``
+    consecutive images: ``[G, group, group]`` (1 on the diagonal). The Gram matrix of an image is ``A A^T`` with
+    ``A`` its activation flattened over space ``[C, positions]``: which channels fire together, wherever."""
+    a = acts.float().flatten(2)
+    grams = torch.matmul(a, a.transpose(1, 2)).flatten(1)
+    grams = F.normalize(grams, dim=1).view(-1, group, grams.shape[1])
+    return torch.matmul(grams, grams.transpose(1, 2))
+
+
+def _diversity_penalty(acts: dict[str, torch.Tensor], scores: torch.Tensor, targets: Sequence[tuple[str, int]],
+                       group: int) -> torch.Tensor:
+    """Sum over channels of the group's mean activation (detached) x the mean pairwise Gram cosine of its images.
+
+    ``targets`` has one entry per image, each channel's ``group`` images consecutive."""
+    total = scores.new_zeros(())
+    rows_of: dict[str, list[int]] = {}
+    for k, (layer, _) in enumerate(targets):
+        rows_of.setdefault(layer, []).append(k)
+    for layer, rows in rows_of.items():
+        sim = gram_similarity(acts[layer][rows], group)  # [G, d, d]
+        pairwise = (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(dim=1)) / (group * (group - 1))
+        strength = scores[rows].detach().view(-1, group).abs().mean(dim=1).clamp_min(1e-3)
+        total = total + (strength * pairwise).sum() * group
+    return total
 
 
 def channel_scores(
@@ -256,23 +380,29 @@ def optimize_channels(
 ) -> torch.Tensor:
     """Optimize one image per ``(layer name, channel)`` target, all in one batch. Returns ``[K, C, H, W]`` in [0, 1].
 
+    With ``config.diversity = d > 1``: ``d`` images per target, ``[K d, C, H, W]``, the ``d`` images of target ``k``
+    at rows ``k d`` to ``k d + d - 1``, pushed apart by the Gram-matrix diversity penalty (see :class:`ActMaxConfig`).
     ``net`` must already be in eval mode with state preserved by the caller (``preserved``); ``modules`` maps the
     layer names used in ``targets`` to their modules; ``stop_after`` cuts each forward pass after that layer.
     """
     device, dtype = model_device(net), model_dtype(net)
+    group = config.diversity
+    per_image = [t for t in targets for _ in range(group)]  # one (layer, channel) per image of the batch
+    transforms = config.transforms(size)
     # Separate streams for the starting noise and the augmentations, so that image i of a batch sees the
     # same random numbers whatever the batch size (batched and one-at-a-time results agree).
     noise = torch.Generator(device=device).manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    param = _Parametrization(len(targets), image_channels, size[0], size[1], config.fourier, noise, device)
+    param = _Parametrization(len(per_image), image_channels, size[0], size[1], config.fourier, noise, device)
     # Adam by hand: a few tensor ops, and no torch.optim machinery to import or keep state for.
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     m = torch.zeros_like(param.param)
     v = torch.zeros_like(param.param)
     # The deepest layer, when it is a plain convolution, is not run: the forward pass stops at its input, and the
-    # mean of each image's target channel is a fixed linear function of that input (conv_mean_as_linear).
+    # mean of each image's target channel is a fixed linear function of that input (conv_mean_as_linear). The
+    # diversity penalty needs the layer's whole activation, so it runs the layer.
     last = modules.get(stop_after) if stop_after is not None else None
-    shortcut = _is_plain_conv(last)
+    shortcut = _is_plain_conv(last) and group == 1
     hooked = {n: mod for n, mod in modules.items() if not (shortcut and n == stop_after)}
     if shortcut:
         rows = [k for k, (layer, _) in enumerate(targets) if layer == stop_after]
@@ -280,10 +410,11 @@ def optimize_channels(
     # On the CPU, oneDNN convolutions of a batch run several times faster on channels-last input (measured:
     # 16 x 32 px through the demo CNN's convolutions, forward and input gradient, 1.5-4x); the layers follow
     # the input's layout. Only our input tensor changes layout; the model's parameters are not touched.
-    layout = torch.channels_last if device.type == "cpu" and len(targets) > 1 else torch.contiguous_format
+    layout = torch.channels_last if device.type == "cpu" and len(per_image) > 1 else torch.contiguous_format
+    diverse = group > 1 and config.diversity_weight > 0
     for t in range(1, config.steps + 1):
         images = param.images()
-        x = _normalize(_augment(images, config, generator), mean, std).to(dtype)
+        x = _normalize(_augment(images, transforms, config.pad_mode, generator), mean, std).to(dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=layout)
         with capture(hooked, for_grad=True, stop_after=None if shortcut else stop_after, stop_before=(
@@ -291,9 +422,12 @@ def optimize_channels(
             net(x)
         if shortcut:
             acts[stop_after] = linear_score(acts.pop(f"{stop_after}:input"))
-        objective = channel_scores(acts, targets, per_target=(stop_after,) if shortcut else ()).sum()
+        scores = channel_scores(acts, per_image, per_target=(stop_after,) if shortcut else ())
+        objective = scores.sum()
+        if diverse:
+            objective = objective - config.diversity_weight * _diversity_penalty(acts, scores, per_image, group)
         penalty = config.tv_weight * _total_variation(images) + config.l2_weight * ((images - 0.5) ** 2).mean()
-        loss = -objective + penalty * len(targets)
+        loss = -objective + penalty * len(per_image)
         (grad,) = torch.autograd.grad(loss, [param.param])
         with torch.no_grad():
             m.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -315,9 +449,11 @@ def activation_maximization(
     std: Sequence[float] | None = None,
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
-    jitter: int = 2,
+    jitter: int | None = None,
     fourier: bool = True,
     seed: int = 0,
+    diversity: int = 1,
+    diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT,
 ) -> torch.Tensor:
     """Synthesize one image per channel of ``layer`` that excites that channel, all optimized as one batch.
 
@@ -329,10 +465,14 @@ def activation_maximization(
         image_channels: channels of the model's input (3 for RGB, 1 for grayscale).
         mean, std: the model's input normalization; images are optimized in ``[0, 1]`` and normalized before
             the forward pass.
-        steps, lr, jitter, fourier, seed: optimization settings (see :class:`ActMaxConfig`).
+        steps, lr, jitter, fourier, seed: optimization settings (see :class:`ActMaxConfig`; ``jitter=None``
+            scales the shift, padding, scaling and rotation to the input size).
+        diversity, diversity_weight: ``diversity`` images per channel, pushed apart by their Gram matrices with
+            that weight (see :class:`ActMaxConfig`); 1 is off.
 
     Returns:
-        ``[len(channels), image_channels, H, W]`` float in ``[0, 1]``, detached, on the model's device.
+        ``[len(channels) * diversity, image_channels, H, W]`` float in ``[0, 1]``, detached, on the model's device;
+        the images of ``channels[k]`` at rows ``k * diversity`` to ``k * diversity + diversity - 1``.
     """
     net = unwrap_model(model)
     name, module = resolve_layer(net, layer)
@@ -340,7 +480,8 @@ def activation_maximization(
     if not channels:
         raise ValueError("channels must name at least one channel")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    config = ActMaxConfig(steps=steps, lr=lr, jitter=jitter, fourier=fourier, seed=seed)
+    config = ActMaxConfig(steps=steps, lr=lr, jitter=jitter, fourier=fourier, seed=seed, diversity=diversity,
+                          diversity_weight=diversity_weight)
     with preserved(net):
         probe_out = _layer_channels(net, name, module, image_channels, (h, w), mean, std)
         bad = [c for c in channels if not 0 <= c < probe_out]
@@ -388,6 +529,10 @@ class ActMax(SnapshotKind):
         background: optimize on a frozen snapshot of the model in a worker thread, so the training loop is
             blocked only while the snapshot is taken; results are logged at the snapshot's step. A step that comes
             while the previous one still runs is skipped with one warning. :meth:`close` waits for the worker.
+        diversity: images per channel (1: one, the default), pushed apart from each other by the cosine similarity
+            of their Gram matrices at the layer; the picture shows each channel's images in one row (panels
+            ``channel_<c>/<i>``, ``i`` from 1).
+        diversity_weight: weight of that penalty, relative to the channel's activation (see :class:`ActMaxConfig`).
     """
 
     name, label, every = "actmax", "Activation max.", 1000
@@ -397,20 +542,24 @@ class ActMax(SnapshotKind):
     log_in_background = True
 
     def __init__(self, *, channels: int | Mapping[str, Sequence[int]] = 8, steps: int = DEFAULT_STEPS,
-                 background: bool = False, every: int | None = None, layers=None) -> None:
+                 background: bool = False, diversity: int = 1,
+                 diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT, every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
         if not isinstance(channels, Mapping):
             positive_int("actmax_channels", channels)
         self.channels_spec = channels
         self.steps = positive_int("actmax_steps", steps)
         self.background = bool(background)
+        check_diversity(diversity, diversity_weight, prefix="actmax_")
+        self.diversity, self.diversity_weight = diversity, float(diversity_weight)
         self.targets: list[tuple[str, int]] = []
         self._worker = BackgroundWork(self, "activation maximization")
 
     @classmethod
     def from_options(cls, options):
         return cls(channels=options.get("actmax_channels", 8), steps=options.get("actmax_steps", DEFAULT_STEPS),
-                   background=options.get("actmax_background", False))
+                   background=options.get("actmax_background", False),
+                   diversity=options.get("actmax_diversity", 1))
 
     def default_layers(self, info: ModelInfo) -> list[str]:
         spread = info.spread_layers(3)
@@ -418,7 +567,8 @@ class ActMax(SnapshotKind):
 
     def setup(self, info: ModelInfo) -> None:
         super().setup(info)
-        self.config = ActMaxConfig(steps=self.steps, seed=info.seed)
+        self.config = ActMaxConfig(steps=self.steps, seed=info.seed, diversity=self.diversity,
+                                   diversity_weight=self.diversity_weight)
         shapes = info.layer_shapes
         spec = self.channels_spec
         targets: list[tuple[str, int]] = []
@@ -444,7 +594,8 @@ class ActMax(SnapshotKind):
         self.targets = targets
 
     def details(self) -> str:
-        return super().details() + f"; {len(self.targets)} channels, {self.steps} steps"
+        per_channel = f", {self.diversity} images each" if self.diversity > 1 else ""
+        return super().details() + f"; {len(self.targets)} channels{per_channel}, {self.steps} steps"
 
     # ------------------------------------------------------------------ a logging step
     def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
@@ -468,18 +619,27 @@ class ActMax(SnapshotKind):
             mean=self.info.mean, std=self.info.std, config=self.config,
             stop_after=max(modules, key=lambda n: order.get(n, -1)),
         ).cpu()
-        return {layer: images[[i for i, (name, _) in enumerate(targets) if name == layer]] for layer in modules}
+        d = self.diversity
+        # A layer without targets (a default layer beside an actmax_channels mapping) has no picture.
+        return {layer: images[[k * d + j for k, (name, _) in enumerate(targets) if name == layer for j in range(d)]]
+                for layer in modules if any(name == layer for name, _ in targets)}
 
     def _write(self, out: Output, per_layer: dict[str, torch.Tensor]) -> None:
+        d = self.diversity
         for layer, images in per_layer.items():
             channels = [c for name, c in self.targets if name == layer]
             tiles = fit(as_rgb(images), 64, 96)
-            ncol = min(8, len(channels))
+            ncol = min(8, len(channels)) if d == 1 else d  # with diversity: one row per channel
             grid = make_grid(tiles, ncol=ncol, padding=2)
-            picture = caption(grid, [f"{layer} channels: " + ", ".join(map(str, channels))])
-            boxes = grid_boxes(len(channels), ncol, tuple(tiles.shape[-2:]), padding=2)
-            panels = [{"key": f"channel_{c}", "label": f"channel {c}", "box": box, "text": [f"channel {c}"]}
-                      for c, box in zip(channels, boxes, strict=True)]
+            title = f"{layer} channels: " + ", ".join(map(str, channels))
+            picture = caption(grid, [title if d == 1 else f"{title} ({d} images each, one row per channel)"])
+            boxes = grid_boxes(len(channels) * d, ncol, tuple(tiles.shape[-2:]), padding=2)
+            if d == 1:
+                names = [(f"channel_{c}", f"channel {c}") for c in channels]
+            else:
+                names = [(f"channel_{c}/{j}", f"channel {c} #{j}") for c in channels for j in range(1, d + 1)]
+            panels = [{"key": key, "label": label, "box": box, "text": [label]}
+                      for (key, label), box in zip(names, boxes, strict=True)]
             out.image(layer, "channels", to_uint8(picture), panels)
 
 
