@@ -6,7 +6,8 @@
     the demo CNN (8-image 32 px probe) and ResNet-18 (8 × 224²). Interleaved round by round; with async on the
     worker's time is waited for outside the timed call (and reported apart).
 (b) Whole-run overhead at the default schedule on the demo training (as ``bench_step.py`` (b)): runs without the
-    logger, with it synchronous and with it asynchronous advance in lockstep, step by step, order rotating.
+    logger, with it synchronous and with it asynchronous advance in turns of 25 steps, order rotating; a run waits
+    for its worker at the end of its turn (``bench_step.interleave``), so the worker's work is paid by its run.
 (c) The same over 1,001 steps (so activation maximization, at its default interval of 1,000, runs once), async on:
     without the logger; with every kind but the two optimizing ones (actmax, deepdream) every 50 steps; at the
     default schedule with ``actmax_background=True``.
@@ -23,7 +24,7 @@ import time
 
 import torch
 import torchvision
-from bench_step import TrainingRun
+from bench_step import BLOCK, TrainingRun, interleave
 from benchutil import Row, check, finish, info, parse_args, shapes_probe
 
 from cnnvis_tb import VisLogger
@@ -91,7 +92,8 @@ def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[
 
 
 def run_overhead(steps: int) -> list[Row]:
-    """(b) Whole-run overhead at the default schedule, async off and on, interleaved step by step."""
+    """(b) Whole-run overhead at the default schedule, async off and on, interleaved in turns (see
+    ``bench_step.interleave``)."""
     import torch.utils.tensorboard  # noqa: F401  (a once-per-process cost, as in bench_step)
 
     train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
@@ -99,19 +101,17 @@ def run_overhead(steps: int) -> list[Row]:
     sync = TrainingRun(steps, True, train, test, vis_options={"async_logging": False})
     asyn = TrainingRun(steps, True, train, test, vis_options={"async_logging": True})
     runs = [plain, sync, asyn]
-    for i in range(steps):
-        for run in runs[i % 3:] + runs[: i % 3]:
-            run.advance()
+    interleave(runs, steps)
     finals = [run.finish() for run in runs]
     identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
     over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("sync", sync), ("async", asyn))}
     return [
         info(f"demo run, {steps} steps: without / sync / async VisLogger",
              f"{plain.seconds:.1f} s / {sync.seconds:.1f} s / {asyn.seconds:.1f} s"),
-        info(f"demo run overhead at defaults, async_logging=False ({steps} steps, interleaved)",
+        info(f"demo run overhead at defaults, async_logging=False ({steps} steps, turns of {BLOCK})",
              f"{over['sync']:.1f} %"),
-        check(f"demo run overhead at defaults, async_logging=True ({steps} steps, interleaved)", over["async"], "<=", 1,
-              fmt="{:.1f}", unit=" %"),
+        check(f"demo run overhead at defaults, async_logging=True ({steps} steps, turns of {BLOCK})", over["async"],
+              "<=", 1, fmt="{:.1f}", unit=" %"),
         Row("final parameters without / sync / async bit-identical", "yes" if identical else "no", "yes", identical),
     ]
 
@@ -127,16 +127,14 @@ def run_overhead_more(steps: int) -> list[Row]:
     every50 = TrainingRun(steps, True, train, test, vis_options={"kinds": EVERY_50, "every": 50})
     actmax = TrainingRun(steps, True, train, test, vis_options={"actmax_background": True})
     runs = [plain, every50, actmax]
-    for i in range(steps):
-        for run in runs[i % 3:] + runs[: i % 3]:
-            run.advance()
+    interleave(runs, steps)
     finals = [run.finish() for run in runs]
     identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
     over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("50", every50), ("actmax", actmax))}
     return [
         info(f"demo run, {steps} steps: without / every kind every 50 / defaults + background actmax",
              f"{plain.seconds:.1f} s / {every50.seconds:.1f} s / {actmax.seconds:.1f} s"),
-        check(f"demo run overhead, async, {', '.join(EVERY_50)} every 50 steps ({steps} steps, interleaved)",
+        check(f"demo run overhead, async, {', '.join(EVERY_50)} every 50 steps ({steps} steps, turns of {BLOCK})",
               over["50"], "<=", 3, fmt="{:.1f}", unit=" %"),
         check(f"demo run overhead, async, defaults with actmax_background=True (actmax at step 1,000; {steps} steps)",
               over["actmax"], "<=", 2, fmt="{:.1f}", unit=" %"),
