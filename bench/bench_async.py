@@ -91,27 +91,37 @@ def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[
     return rows
 
 
+def _runs(steps: int, options: dict[str, dict]) -> tuple[dict[str, TrainingRun], bool]:
+    """Train one run without the logger and one per ``options`` (VisLogger keywords), interleaved in turns
+    (``bench_step.interleave``); returns them by name (``"plain"`` first) and whether their final parameters agree."""
+    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
+    runs = {"plain": TrainingRun(steps, False, train, test),
+            **{name: TrainingRun(steps, True, train, test, vis_options=o) for name, o in options.items()}}
+    interleave(list(runs.values()), steps)
+    finals = [run.finish() for run in runs.values()]
+    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
+    return runs, identical
+
+
+def _overhead(runs: dict[str, TrainingRun], name: str) -> float:
+    return 100 * (runs[name].seconds / runs["plain"].seconds - 1)
+
+
+def _seconds(runs: dict[str, TrainingRun]) -> str:
+    return " / ".join(f"{run.seconds:.1f} s" for run in runs.values())
+
+
 def run_overhead(steps: int) -> list[Row]:
-    """(b) Whole-run overhead at the default schedule, async off and on, interleaved in turns (see
-    ``bench_step.interleave``)."""
+    """(b) Whole-run overhead at the default schedule, async off and on."""
     import torch.utils.tensorboard  # noqa: F401  (a once-per-process cost, as in bench_step)
 
-    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
-    plain = TrainingRun(steps, False, train, test)
-    sync = TrainingRun(steps, True, train, test, vis_options={"async_logging": False})
-    asyn = TrainingRun(steps, True, train, test, vis_options={"async_logging": True})
-    runs = [plain, sync, asyn]
-    interleave(runs, steps)
-    finals = [run.finish() for run in runs]
-    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
-    over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("sync", sync), ("async", asyn))}
+    runs, identical = _runs(steps, {"sync": {"async_logging": False}, "async": {"async_logging": True}})
     return [
-        info(f"demo run, {steps} steps: without / sync / async VisLogger",
-             f"{plain.seconds:.1f} s / {sync.seconds:.1f} s / {asyn.seconds:.1f} s"),
+        info(f"demo run, {steps} steps: without / sync / async VisLogger", _seconds(runs)),
         info(f"demo run overhead at defaults, async_logging=False ({steps} steps, turns of {BLOCK})",
-             f"{over['sync']:.1f} %"),
-        check(f"demo run overhead at defaults, async_logging=True ({steps} steps, turns of {BLOCK})", over["async"],
-              "<=", 1, fmt="{:.1f}", unit=" %"),
+             f"{_overhead(runs, 'sync'):.1f} %"),
+        check(f"demo run overhead at defaults, async_logging=True ({steps} steps, turns of {BLOCK})",
+              _overhead(runs, "async"), "<=", 1, fmt="{:.1f}", unit=" %"),
         Row("final parameters without / sync / async bit-identical", "yes" if identical else "no", "yes", identical),
     ]
 
@@ -122,22 +132,15 @@ EVERY_50 = ["gradcam", "features", "kernels", "histograms", "health", "saliency"
 def run_overhead_more(steps: int) -> list[Row]:
     """(c) Whole-run overhead, async on: every kind but actmax and deepdream every 50 steps; the default schedule
     with activation maximization on its snapshot path (it runs at step 1,000, so the run has 1,001 steps)."""
-    train, test = ShapesDataset(4096, 32, seed=0), ShapesDataset(512, 32, seed=10_000)
-    plain = TrainingRun(steps, False, train, test)
-    every50 = TrainingRun(steps, True, train, test, vis_options={"kinds": EVERY_50, "every": 50})
-    actmax = TrainingRun(steps, True, train, test, vis_options={"actmax_background": True})
-    runs = [plain, every50, actmax]
-    interleave(runs, steps)
-    finals = [run.finish() for run in runs]
-    identical = all(torch.equal(a, b) for other in finals[1:] for a, b in zip(finals[0], other, strict=True))
-    over = {name: 100 * (run.seconds / plain.seconds - 1) for name, run in (("50", every50), ("actmax", actmax))}
+    runs, identical = _runs(steps, {"every 50": {"kinds": EVERY_50, "every": 50},
+                                    "actmax": {"actmax_background": True}})
     return [
         info(f"demo run, {steps} steps: without / every kind every 50 / defaults + background actmax",
-             f"{plain.seconds:.1f} s / {every50.seconds:.1f} s / {actmax.seconds:.1f} s"),
+             _seconds(runs)),
         check(f"demo run overhead, async, {', '.join(EVERY_50)} every 50 steps ({steps} steps, turns of {BLOCK})",
-              over["50"], "<=", 3, fmt="{:.1f}", unit=" %"),
+              _overhead(runs, "every 50"), "<=", 3, fmt="{:.1f}", unit=" %"),
         check(f"demo run overhead, async, defaults with actmax_background=True (actmax at step 1,000; {steps} steps)",
-              over["actmax"], "<=", 2, fmt="{:.1f}", unit=" %"),
+              _overhead(runs, "actmax"), "<=", 2, fmt="{:.1f}", unit=" %"),
         Row("final parameters of those runs bit-identical", "yes" if identical else "no", "yes", identical),
     ]
 

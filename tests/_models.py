@@ -113,3 +113,27 @@ def finish_ranks(procs: list[subprocess.Popen], out: Path, *, timeout: float) ->
                          for r, (p, o) in enumerate(zip(procs, outputs, strict=True)))
         raise RunFailed(f"the run failed\n{logs}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(len(procs))]
+
+
+def train_demo_cnn(steps: int = 100, size: int = 32) -> nn.Module:
+    """The demo CNN after ``steps`` SGD steps on generated shapes (about 5 s for 100 on one thread), in eval mode.
+    Trained on one intra-op thread: on 2 busy cores that is several times faster for so small a model."""
+    from cnnvis_tb.demo import ShapesDataset, SmallCNN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        data = ShapesDataset(2048, size, seed=0)
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(len(data), (64,), generator=g)
+            loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()

@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _models import TinyCNN, hook_counts, image_at, make_batch, read_events, texts
+from _models import TinyCNN, hook_counts, image_at, make_batch, read_events, texts, train_demo_cnn
 from torch import nn
 
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
-from cnnvis_tb.demo import MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.demo import MEAN, STD, ShapesDataset
 from cnnvis_tb.kinds.actmax import ActMax, ActMaxConfig, Transforms, _augment, transform_sizes
 
 
@@ -254,19 +254,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def trained_demo():
     """The demo CNN after 100 SGD steps on the shapes (about 5 s on one thread), and 64 held-out probe images."""
-    with _one_thread():
-        torch.manual_seed(0)
-        data = ShapesDataset(2048, 32, seed=0)
-        model = SmallCNN()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            idx = torch.randint(len(data), (64,), generator=g)
-            loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), ShapesDataset(64, 32, seed=123).images
+    model = train_demo_cnn(100, 32)
+    return model, ShapesDataset(64, 32, seed=123).images
 
 
 def _gram_cosine(acts: torch.Tensor, d: int) -> torch.Tensor:

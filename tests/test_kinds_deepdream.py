@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import TinyCNN, hook_counts, image_at, make_batch, read_events, texts, tiny_logger
+from _models import TinyCNN, hook_counts, image_at, make_batch, read_events, texts, tiny_logger, train_demo_cnn
 from torch import nn
 
 from cnnvis_tb import VisLogger, feature_maps, tags
-from cnnvis_tb.demo import MEAN, STD, ShapesDataset, SmallCNN
+from cnnvis_tb.demo import MEAN, STD, ShapesDataset
 from cnnvis_tb.kinds import BUILTIN, DEFAULT_KINDS, DeepDream
 from cnnvis_tb.kinds.deepdream import deep_dream, octave_sizes, pixel_range, scharr_penalty
 
@@ -26,24 +26,9 @@ TILE = 64  # a 32 px image is shown enlarged twice (nearest), each tile of the s
 @pytest.fixture(scope="module")
 def trained():
     """The demo CNN after 100 SGD steps on the shapes (about 5 s on one thread), and a held-out probe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 busy cores, one thread trains this small model several times faster
-    try:
-        torch.manual_seed(0)
-        data = ShapesDataset(2048, SIZE, seed=0)
-        model = SmallCNN()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            idx = torch.randint(len(data), (64,), generator=g)
-            loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    model = train_demo_cnn(100, SIZE)
     probe = ShapesDataset(PROBE, SIZE, seed=123)
-    return model.eval(), probe.images, probe.labels
+    return model, probe.images, probe.labels
 
 
 def _pixels(normalized: torch.Tensor) -> torch.Tensor:
