@@ -576,3 +576,26 @@ def test_pointing_game_equals_quantus_pointing_game():
     ours = pointing(maps, masks).numpy()
     assert theirs[0] == 1.0 and 0 < theirs.mean() < 1
     assert np.array_equal(ours, theirs)
+
+
+def test_with_async_logging_the_gradient_methods_maps_are_made_on_the_worker(tmp_path, monkeypatch):
+    """The gradient methods' maps need only the probe pass's detached activations and gradients: with
+    asynchronous logging they are computed on the worker, so the training thread runs the probe pass and takes
+    the model's copy only. A method that runs the model (Score-CAM) keeps the maps on the training thread."""
+    import threading
+
+    from cnnvis_tb.kinds.gradcam import GradCam
+
+    where = []
+    original = GradCam._maps
+    monkeypatch.setattr(GradCam, "_maps", lambda self, ctx: (where.append(threading.current_thread().name),
+                                                            original(self, ctx))[1])
+    probe, labels = make_batch(12, n=3)
+    for methods, expected in ((["gradcam", "gradcam++"], "cnnvis-log"),
+                              (["gradcam", "scorecam"], threading.current_thread().name)):
+        where.clear()
+        with VisLogger(TinyCNN().eval(), tmp_path / methods[1], probe=probe, probe_labels=labels, strict=True,
+                       kinds=["gradcam"], cam_methods=methods, layers={"gradcam": ["body"]}) as vis:
+            vis.step(0)
+        assert where == [expected]
+        assert read_events(tmp_path / methods[1]).Scalars("cnnvis/metrics/gradcam/body/deletion/gradcam/pred")

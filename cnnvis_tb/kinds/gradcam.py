@@ -237,6 +237,8 @@ class CamStep:
     #: A frozen copy of the model on which :meth:`GradCam.log` runs the metrics that need the model (confidence,
     #: deletion / insertion) when it runs on the asynchronous-logging worker; None when compute ran them.
     snapshot: nn.Module | None = None
+    #: The maps are left to :meth:`GradCam.log` (on the asynchronous worker): ``raw`` and ``full`` are empty.
+    deferred: bool = False
 
 
 #: Colour scales of the logged maps: each map min-max scaled, or one scale per probe image, method and target kept
@@ -367,8 +369,47 @@ class GradCam(Kind):
             return Needs(graph_activations=layers)
         return Needs(activations=layers, scores=True)
 
+    def _deferrable(self) -> bool:
+        """Whether every method's maps come from the probe pass's detached activations and gradients alone (no
+        forward of the model, no read of its parameters), so they may be computed on the asynchronous worker."""
+        return all(s.gradients and not (s.full_gradients or s.forwards or s.head) for s in self._specs)
+
     def compute(self, ctx: StepContext) -> CamStep:
-        """Every method's maps for every layer and target, and the confidence measures that need the model."""
+        """Every method's maps for every layer and target, and the metrics that need the model; with asynchronous
+        logging, what can wait is left to :meth:`log` on the worker: the gradient methods' maps (from the probe
+        pass's detached activations and gradients) and the metrics that run the model (on a frozen copy)."""
+        computed = CamStep({}, {}, {})
+        model_metrics = self.metrics in ("default", "all")
+        if model_metrics and self.background_metrics and ctx.info.in_background:
+            try:
+                computed.snapshot = self._copies.take(ctx.net)
+            except Exception as e:
+                if ctx.info.strict:
+                    raise
+                ctx.warn_once("gradcam-copy", f"the model could not be copied ({type(e).__name__}: {e}), so the "
+                              "CAM metrics that run it run on the training thread; "
+                              "GradCam(background_metrics=False) does so without trying")
+        if ctx.info.in_background and self._deferrable() and (computed.snapshot is not None or not model_metrics):
+            for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step
+                self._activations(ctx, layer)
+            computed.deferred = True
+            return computed
+        computed.raw, computed.full = self._maps(ctx)
+        if model_metrics and computed.snapshot is None:
+            self._model_metrics(ctx, ctx.net, computed)
+        return computed
+
+    @staticmethod
+    def _activations(ctx: StepContext, layer: str) -> torch.Tensor:
+        shared = ctx.shared
+        acts = shared.graph_activations.get(layer, shared.activations.get(layer))
+        if acts is None:
+            raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
+        return acts
+
+    def _maps(self, ctx: StepContext) -> tuple[dict, dict]:
+        """Every method's raw maps ``[N, h, w]`` and the same resized to the input, keyed ``(layer, method,
+        target)``; a target set equal to an earlier one shares its maps."""
         shared = ctx.shared
         maps: dict[tuple[str, str, str], torch.Tensor] = {}
         keys = [k for k in ("true", "pred") if k in shared.targets]
@@ -377,9 +418,7 @@ class GradCam(Kind):
             _log.info("step %d: %s on %s (one perturbed image per channel, probe image and target)", ctx.step,
                       " and ".join(costly), ", ".join(self.layers))
         for layer, module in self.each_layer(ctx.net):
-            acts = shared.graph_activations.get(layer, shared.activations.get(layer))
-            if acts is None:
-                raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
+            acts = self._activations(ctx, layer)
             for i, key in enumerate(keys):
                 classes = shared.targets[key]
                 same = next((k for k in keys[:i] if torch.equal(shared.targets[k], classes)), None)
@@ -391,21 +430,7 @@ class GradCam(Kind):
                     maps[(layer, spec.name, key)] = spec.fn(inputs).clamp_min(0)
         size = tuple(shared.inputs.shape[-2:])
         resized: dict[int, torch.Tensor] = {}  # equal target sets share their maps, and so their resized maps
-        full = {k: resized.setdefault(id(raw), _resize(raw, size)) for k, raw in maps.items()}
-        computed = CamStep(maps, full, {})
-        if self.metrics in ("default", "all"):
-            if self.background_metrics and ctx.info.in_background:
-                try:
-                    computed.snapshot = self._copies.take(ctx.net)
-                except Exception as e:
-                    if ctx.info.strict:
-                        raise
-                    ctx.warn_once("gradcam-copy", f"the model could not be copied ({type(e).__name__}: {e}), so the "
-                                  "CAM metrics that run it run on the training thread; "
-                                  "GradCam(background_metrics=False) does so without trying")
-            if computed.snapshot is None:
-                self._model_metrics(ctx, ctx.net, computed)
-        return computed
+        return maps, {k: resized.setdefault(id(raw), _resize(raw, size)) for k, raw in maps.items()}
 
     def _model_metrics(self, ctx: StepContext, net: nn.Module, computed: CamStep) -> None:
         """The metrics that run ``net`` (the model, or its frozen copy on the worker), into ``computed``; a failure
@@ -524,6 +549,9 @@ class GradCam(Kind):
         targets = {k: v.cpu() for k, v in shared.targets.items()}
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
+        if computed.deferred:  # on the worker: the gradient methods' maps from the pass's detached tensors
+            computed.raw, computed.full = self._maps(ctx)
+            computed.deferred = False
         if computed.snapshot is not None:  # on the worker: the metrics that need the model, on its frozen copy
             net, computed.snapshot = computed.snapshot, None
             try:
