@@ -390,8 +390,11 @@ class GradCam(Kind):
                               "CAM metrics that run it run on the training thread; "
                               "GradCam(background_metrics=False) does so without trying")
         if ctx.info.in_background and self._deferrable() and (computed.snapshot is not None or not model_metrics):
-            for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step
+            for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step, ...
                 self._activations(ctx, layer)
+                for key in ctx.shared.targets:  # ... as does one the class scores do not depend on
+                    if ctx.shared.grads.get(key, {}).get(layer) is None:
+                        raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
             computed.deferred = True
             return computed
         computed.raw, computed.full = self._maps(ctx)
