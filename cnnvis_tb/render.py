@@ -308,10 +308,14 @@ def _line_ink(text: str, width: int, font_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy())
 
 
+def _shade(ink: torch.Tensor) -> torch.Tensor:
+    """uint8 ink coverage (:func:`_line_ink`, any shape) → float grey levels: dark text on white."""
+    return 1 - ink.float() / 255 * (1 - _TEXT_INK)
+
+
 def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
     """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (see :func:`_line_ink`)."""
-    coverage = _line_ink(text, width, font_size).float() / 255
-    return (1 - coverage * (1 - _TEXT_INK)).expand(3, -1, -1)
+    return _shade(_line_ink(text, width, font_size)).expand(3, -1, -1)
 
 
 @torch.no_grad()
@@ -344,7 +348,7 @@ def captions(images: torch.Tensor, lines: Sequence[Sequence[str]], *, font_size:
         return images
     n, _, _, width = images.shape
     ink = torch.stack([torch.cat([_line_ink(str(t), width, font_size) for t in text]) for text in lines])
-    band = (1 - ink.to(images.device).float() / 255 * (1 - _TEXT_INK))[:, None].expand(n, 3, -1, -1)
+    band = _shade(ink.to(images.device))[:, None].expand(n, 3, -1, -1)
     margin = images.new_ones((n, 3, 2, width), dtype=torch.float32)
     return torch.cat([images.float(), margin, band, margin], dim=2)
 

@@ -393,8 +393,7 @@ class GradCam(Kind):
             for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step, ...
                 self._activations(ctx, layer)
                 for key in ctx.shared.targets:  # ... as does one the class scores do not depend on
-                    if ctx.shared.grads.get(key, {}).get(layer) is None:
-                        raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
+                    self._gradients(ctx, key, layer)
             computed.deferred = True
             return computed
         computed.raw, computed.full = self._maps(ctx)
@@ -523,16 +522,20 @@ class GradCam(Kind):
             done[id(maps)] = out[(layer, method, key)] = (drop, increase)
         return out
 
+    @staticmethod
+    def _gradients(ctx: StepContext, key: str, layer: str) -> torch.Tensor:
+        g = ctx.shared.grads.get(key, {}).get(layer)
+        if g is None:
+            raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
+        return g
+
     def _inputs(self, ctx, layer, module, acts, key, classes, spec) -> CamInputs:
         shared = ctx.shared
         grads = shared.grads.get(key, {})
         inputs = CamInputs(acts=acts.detach().float(), net=ctx.net, layer=layer, module=module,
                            images=shared.inputs.detach(), batch_size=self.batch_size)
         if spec.gradients or spec.full_gradients:
-            g = grads.get(layer)
-            if g is None:
-                raise RuntimeError(f"the class scores do not depend on layer {layer!r}")
-            inputs.grads = g.detach().float()
+            inputs.grads = self._gradients(ctx, key, layer).detach().float()
         if spec.full_gradients:
             inputs.input_grads = grads["input"].detach()
             inputs.bias_grads = {n: (b, grads[n + OWN].detach()) for n, (_, b) in self._bias.items()
