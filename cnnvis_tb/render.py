@@ -141,21 +141,25 @@ def overlay_heatmap(
 
 
 @torch.no_grad()
-def make_grid(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+def make_grid(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0,
+              factor: int = 1) -> torch.Tensor:
     """Lay out ``[N, C, h, w]`` tiles row-major in a ``[C, H, W]`` grid with ``padding`` pixels between tiles.
 
     ``ncol`` defaults to ``ceil(sqrt(N))``. The border around the grid is ``padding`` wide too, so each
     tile ``i`` starts at row ``padding + (i // ncol) * (h + padding)`` and column
     ``padding + (i % ncol) * (w + padding)``. Tiles of any dtype (uint8 too: then ``pad_value`` is in 0..255).
+    ``factor`` > 1 enlarges each tile by nearest neighbour as it is placed (``h`` and ``w`` above are then the
+    enlarged sizes): the same grid as ``make_grid(upscale(...))`` in one copy instead of two.
     """
     tiles = _check_tensor(tiles, "tiles")
     if tiles.dim() != 4 or tiles.shape[0] == 0:
         raise ValueError(f"tiles must be a non-empty [N, C, h, w] tensor, got shape {tuple(tiles.shape)}")
-    return make_grids(tiles[None], ncol, padding, pad_value)[0]
+    return make_grids(tiles[None], ncol, padding, pad_value, factor)[0]
 
 
 @torch.no_grad()
-def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, pad_value: float = 1.0,
+               factor: int = 1) -> torch.Tensor:
     """:func:`make_grid` for a batch: ``[B, N, C, h, w]`` tiles → ``[B, C, H, W]``, B grids laid out alike.
 
     At most two tensor copies whatever the number of tiles (no Python loop over tiles).
@@ -165,20 +169,25 @@ def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, p
         raise ValueError(f"tiles must be a non-empty [B, N, C, h, w] tensor, got shape {tuple(tiles.shape)}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
     b, n, c, h, w = tiles.shape
     ncol = max(1, min(n, ncol if ncol else int(-(-(n**0.5) // 1))))
     nrow = -(-n // ncol)
-    ch, cw = h + padding, w + padding
+    ch, cw = h * factor + padding, w * factor + padding
     grid = tiles.new_full((b, c, nrow * ch + padding, ncol * cw + padding), pad_value)
     # The grid without its bottom and right border, seen as [B, C, row, cell row, column, cell column]: each
-    # cell holds its padding above and to the left, then its tile. One strided copy per block of full rows.
+    # cell holds its padding above and to the left, then its tile, seen as [h, factor, w, factor] (each source
+    # pixel's block). One strided, broadcasting copy per block of full rows.
     cells = grid[:, :, : nrow * ch, : ncol * cw].view(b, c, nrow, ch, ncol, cw)[:, :, :, padding:, :, padding:]
+    cells = cells.unflatten(5, (w, factor)).unflatten(3, (h, factor))  # [B, C, row, h, f, column, w, f]
     full = n // ncol
     if full:
-        cells[:, :, :full] = tiles[:, : full * ncol].reshape(b, full, ncol, c, h, w).permute(0, 3, 1, 4, 2, 5)
+        src = tiles[:, : full * ncol].reshape(b, full, ncol, c, h, w).permute(0, 3, 1, 4, 2, 5)
+        cells[:, :, :full] = src[:, :, :, :, None, :, :, None]
     if n > full * ncol:  # the last, partly filled row
         rest = n - full * ncol
-        cells[:, :, full, :, :rest] = tiles[:, full * ncol :].permute(0, 2, 3, 1, 4)
+        cells[:, :, full, :, :, :rest] = tiles[:, full * ncol :].permute(0, 2, 3, 1, 4)[:, :, :, None, :, :, None]
     return grid
 
 

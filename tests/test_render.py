@@ -86,6 +86,14 @@ def test_make_grid_matches_the_documented_layout_rule(n, c, h, w, ncol, padding)
     batch = torch.stack([tiles, 1 - tiles])
     grids = make_grids(batch, ncol=ncol, padding=padding, pad_value=0.25)
     assert torch.equal(grids[1], _grid_by_loop(1 - tiles, min(ncol, n), padding, 0.25))
+    for factor in (2, 3):  # tiles enlarged as they are placed: the layout rule on the enlarged tiles
+        big = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+        expected = _grid_by_loop(big, min(ncol, n), padding, 0.25)
+        assert torch.equal(make_grid(tiles, ncol=ncol, padding=padding, pad_value=0.25, factor=factor), expected)
+        as_bytes = make_grid((tiles * 255).to(torch.uint8), ncol=ncol, padding=padding, pad_value=7, factor=factor)
+        assert torch.equal(as_bytes, _grid_by_loop((big * 255).to(torch.uint8), min(ncol, n), padding, 7))
+    with pytest.raises(ValueError, match="factor"):
+        make_grid(tiles, factor=0)
 
 
 def test_upscale_repeats_each_pixel_factor_by_factor():

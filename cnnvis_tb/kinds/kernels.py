@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb.kinds.base import Kind, Output, StepContext, positive_int
-from cnnvis_tb.render import colorize, make_grid, to_uint8, upscale
+from cnnvis_tb.render import colorize, make_grid, to_uint8
 
 __all__ = ["kernel_grid", "KernelGrid", "render_kernels", "Kernels"]
 
@@ -85,7 +85,8 @@ def render_kernels(
         if i > 1:
             tiles, ncol = _wrap_rows(tiles, o, i)
     # Quantized before enlarging: the grid (up to ~1000 x 300 px) is laid out in bytes, not floats.
-    grid = make_grid(upscale(to_uint8(tiles), min_tile), ncol=ncol, padding=padding, pad_value=255)
+    factor = max(1, -(-min_tile // max(1, min(tiles.shape[-2:]))))  # as upscale(tiles, min_tile) enlarges
+    grid = make_grid(to_uint8(tiles), ncol=ncol, padding=padding, pad_value=255, factor=factor)
     return KernelGrid(grid, w.shape[0], total_out, shown_in, total_in, nonfinite)
 
 
@@ -97,16 +98,13 @@ def _wrap_rows(tiles: torch.Tensor, o: int, i: int) -> tuple[torch.Tensor, int]:
     if blocks == 1:
         return tiles, i
     rows = math.ceil(o / blocks)
-    blank = torch.ones_like(tiles[:1])
-    per_kernel = tiles.view(o, i, *tiles.shape[1:])
-    order = []
-    for r in range(rows):
-        for b in range(blocks):
-            k = b * rows + r
-            order.extend(per_kernel[k] if k < o else blank.expand(i, *tiles.shape[1:]))
-            if b < blocks - 1:
-                order.append(blank[0])
-    return torch.stack(order), blocks * (i + 1) - 1
+    shape = tiles.shape[1:]
+    blank = torch.ones((1, 1, *shape), dtype=tiles.dtype)
+    kernels = torch.cat([tiles.view(o, i, *shape), blank.expand(rows * blocks - o, i, *shape)])  # [blocks*rows, i]
+    by_row = kernels.view(blocks, rows, i, *shape).transpose(0, 1)  # [rows, blocks, i, ...]: kernel b*rows + r
+    with_gap = torch.cat([by_row, blank[None].expand(rows, blocks, 1, *shape)], dim=2)  # a white tile after each
+    ordered = with_gap.reshape(rows, blocks * (i + 1), *shape)[:, :-1]  # ... but the last block of a row
+    return ordered.reshape(-1, *shape), blocks * (i + 1) - 1
 
 
 def kernel_grid(
