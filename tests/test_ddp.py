@@ -113,8 +113,10 @@ def test_events_hold_images_at_every_step(run):
 
 def test_a_collective_from_rank_zero_alone_is_caught(careless):
     """The harness detects what the logger must never do: rank 0 alone running the DDP wrapper's forward
-    (as a visual that did not unwrap the model would) desynchronizes the ranks: an error or a hang."""
-    with pytest.raises(RunFailed, match="Timed out|did not finish"):
+    (as a visual that did not unwrap the model would) desynchronizes the ranks: an error or a hang. How gloo
+    reports it depends on timing (under load the peer may close the connection before the timeout fires); any of
+    its desynchronization errors counts, and a run that finishes cleanly fails this test."""
+    with pytest.raises(RunFailed, match="Timed out|did not finish|Connection closed by peer|Connection reset"):
         _finish(*careless, timeout=60)
 
 
