@@ -15,6 +15,7 @@ import torch.nn.functional as F
 __all__ = [
     "COLORMAPS",
     "colorize",
+    "colorize_uint8",
     "overlay_heatmap",
     "make_grid",
     "make_grids",
@@ -80,6 +81,31 @@ def colorize(values: torch.Tensor, cmap: str = "viridis") -> torch.Tensor:
     frac = (v - lo).unsqueeze(-1)
     rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac  # [..., H, W, 3]
     return rgb.movedim(-1, -3).contiguous()
+
+
+#: Entries of the colour tables of :func:`colorize_uint8`: values are quantized to 1/1023, so a colour differs from
+#: :func:`colorize`'s (rounded to bytes) by at most one level on any colormap here.
+LUT_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=len(_ANCHORS))
+def _lut(cmap: str) -> torch.Tensor:
+    """``[LUT_SIZE, 3]`` uint8: :func:`colorize` of ``LUT_SIZE`` evenly spaced values, rounded to bytes."""
+    return to_uint8(colorize(torch.linspace(0, 1, LUT_SIZE)[None], cmap))[:, 0].T.contiguous()
+
+
+@torch.no_grad()
+def colorize_uint8(values: torch.Tensor, cmap: str = "viridis") -> torch.Tensor:
+    """:func:`colorize` straight to bytes: values in ``[0, 1]`` → ``uint8`` colours ``[..., 3, H, W]`` on the CPU, by
+    one lookup in a table of :data:`LUT_SIZE` colours (within one level of ``to_uint8(colorize(values, cmap))``;
+    clamped, NaN drawn as the lowest colour, as there). Four times fewer bytes to enlarge and lay out than floats."""
+    values = _check_tensor(values, "values")
+    if cmap not in _ANCHORS:
+        raise ValueError(f"unknown colormap {cmap!r}; expected one of {COLORMAPS}")
+    if values.dim() < 2:
+        raise ValueError(f"values must be at least [H, W], got shape {tuple(values.shape)}")
+    index = torch.nan_to_num(values.detach().float().cpu(), nan=0.0).clamp_(0, 1).mul_(LUT_SIZE - 1).round_().long()
+    return _lut(cmap)[index].movedim(-1, -3).contiguous()
 
 
 @torch.no_grad()
@@ -221,7 +247,10 @@ def fit(images: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """Float in ``[0, 1]`` (any shape, e.g. ``[C, H, W]``) → ``uint8`` on the CPU (what an image summary stores)."""
+    """Float in ``[0, 1]`` (any shape, e.g. ``[C, H, W]``) → ``uint8`` on the CPU (what an image summary stores);
+    a picture already in bytes is returned as it is (on the CPU)."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu()
     scaled = image.detach().float() * 255  # a new tensor: the in-place steps below leave ``image`` alone
     return scaled.nan_to_num_(0.0).clamp_(0, 255).round_().to(torch.uint8).cpu()
 
@@ -322,6 +351,11 @@ def _shade(ink: torch.Tensor) -> torch.Tensor:
     return 1 - ink.float() / 255 * (1 - _TEXT_INK)
 
 
+def _shade_uint8(ink: torch.Tensor) -> torch.Tensor:
+    """:func:`_shade` in bytes (the same grey levels, rounded)."""
+    return (255 - ink.float() * (1 - _TEXT_INK)).round_().to(torch.uint8)
+
+
 def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
     """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (see :func:`_line_ink`)."""
     return _shade(_line_ink(text, width, font_size)).expand(3, -1, -1)
@@ -331,15 +365,13 @@ def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
 def caption(image: torch.Tensor, lines: Sequence[str], *, font_size: int = 11) -> torch.Tensor:
     """Return ``[3, H + band, W]``: ``image`` (``[3, H, W]`` in ``[0, 1]``) above a white band with text lines.
 
-    The band is ``len(lines) * (font_size + 3) + 4`` pixels high: 2 white rows, the lines, 2 white rows.
+    The band is ``len(lines) * (font_size + 3) + 4`` pixels high: 2 white rows, the lines, 2 white rows. A ``uint8``
+    image (0..255) gets its band in bytes too (the same grey levels, rounded).
     """
     image = _check_tensor(image, "image")
-    if not lines:
-        return image
-    width = image.shape[-1]
-    margin = image.new_ones((3, 2, width), dtype=torch.float32)
-    rows = [_text_line(str(text), width, font_size).to(image.device) for text in lines]
-    return torch.cat([image.float(), margin, *rows, margin], dim=1)
+    if image.dim() != 3:
+        raise ValueError(f"caption needs a [3, H, W] image, got shape {tuple(image.shape)}")
+    return captions(image[None], [list(lines)], font_size=font_size)[0]
 
 
 @torch.no_grad()
@@ -357,6 +389,10 @@ def captions(images: torch.Tensor, lines: Sequence[Sequence[str]], *, font_size:
         return images
     n, _, _, width = images.shape
     ink = torch.stack([torch.cat([_line_ink(str(t), width, font_size) for t in text]) for text in lines])
+    if images.dtype == torch.uint8:  # bytes in, bytes out: the same grey levels, rounded
+        band = _shade_uint8(ink).to(images.device)[:, None].expand(n, 3, -1, -1)
+        margin = images.new_full((n, 3, 2, width), 255)
+        return torch.cat([images, margin, band, margin], dim=2)
     band = _shade(ink.to(images.device))[:, None].expand(n, 3, -1, -1)
     margin = images.new_ones((n, 3, 2, width), dtype=torch.float32)
     return torch.cat([images.float(), margin, band, margin], dim=2)

@@ -162,3 +162,21 @@ def test_a_layer_without_a_feature_map_is_named(tmp_path):
     with tiny_logger(tmp_path, kinds=["features"], layers={"features": ["head"]}, every=1) as vis:
         with pytest.raises(ValueError, match=r"layer 'head' outputs \(4, 4\), not a feature map \[N, C, H, W\]"):
             vis.step(0)
+
+
+def test_large_maps_are_shrunk_by_area_averaging_before_they_are_coloured():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(8)
+    acts = torch.rand(3, 96, 96, generator=g)
+    acts[1] += 1.0  # channel 1 the most active, then 2, then 0
+    acts[2] += 0.5
+    panel = to_uint8(feature_panel(torch.rand(3, 96, 96, generator=g), acts, k=2)).permute(1, 2, 0).numpy()
+    shown = acts[[1, 2]]
+    scaled = (shown - shown.min()) / (shown.max() - shown.min())
+    small = F.interpolate(scaled[None], size=(TILE, TILE), mode="area")[0]  # the test's own shrinking
+    for rank in range(2):
+        left = PAD + (rank + 1) * (TILE + PAD)
+        tile = panel[PAD : PAD + TILE, left : left + TILE].astype(int)
+        expected = to_uint8(colorize(small[rank], "viridis")).permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(tile - expected).max() <= 1, f"tile {rank + 1}"

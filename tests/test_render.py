@@ -188,3 +188,29 @@ def test_batched_captions_and_strips_equal_the_one_at_a_time_ones():
         assert torch.equal(strips[i], strip) and records[i] == panels
     with pytest.raises(ValueError, match="as many caption lines"):
         captions(images, [["a"], ["b", "c"], ["d"]])
+
+
+@pytest.mark.parametrize("cmap", ["viridis", "inferno", "jet", "rdbu"])
+def test_colorize_in_bytes_is_within_one_level_of_colorize(cmap):
+    from cnnvis_tb.render import colorize_uint8
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.rand(4, 9, 9, generator=g).flatten(), torch.linspace(0, 1, 2001),
+                        torch.tensor([-0.5, 1.5, float("nan"), 0.0, 1.0])]).view(1, -1, 1)
+    fast = colorize_uint8(values, cmap)
+    reference = to_uint8(colorize(values, cmap))
+    assert fast.dtype == torch.uint8 and fast.shape == reference.shape == (1, 3, values.shape[1], 1)
+    assert (fast.int() - reference.int()).abs().max() <= 1
+    assert torch.equal(fast[..., -3, :], fast[..., -2, :])  # NaN drawn as the lowest colour, as colorize does
+    with pytest.raises(ValueError, match="unknown colormap 'hot'"):
+        colorize_uint8(values, "hot")
+
+
+def test_a_caption_in_bytes_is_the_float_caption_in_bytes():
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 12, 90, generator=g)
+    lines = ["top channels: 3, 1, 7", "ünïcode line drawn by Pillow"]
+    fast = caption(to_uint8(image), lines)
+    assert fast.dtype == torch.uint8
+    assert torch.equal(fast, to_uint8(caption(image, lines)))
+    assert torch.equal(to_uint8(fast), fast)  # bytes pass through to_uint8 unchanged

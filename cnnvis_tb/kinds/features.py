@@ -12,7 +12,7 @@ from cnnvis_tb import tags
 from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import caption, colorize, fit, grid_boxes, make_grids, to_uint8
+from cnnvis_tb.render import as_rgb, captions, colorize_uint8, fit, grid_boxes, make_grids, to_uint8
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels", "Features"]
@@ -68,31 +68,40 @@ def feature_panels(
 ) -> list[torch.Tensor]:
     """:func:`feature_panel` for a batch (``images [N, C, H, W]``, ``activations [N, K, h, w]``), rendered
     together: one top-k, one colormap lookup and one grid layout for all N pictures."""
-    return _feature_panels(images, activations, k, min_tile, max_tile)[0]
+    return [picture.float() / 255 for picture in _feature_panels(images, activations, k, min_tile, max_tile)[0]]
 
 
 def _feature_panels(images, activations, k, min_tile, max_tile) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """The pictures of :func:`feature_panels` and each one's panel records (the input, then the channels by
-    rank: keys ``input``, ``top_1`` … with the channel number as text)."""
+    """The pictures of :func:`feature_panels`, in bytes (``uint8 [3, H', W']``, what is logged), and each one's
+    panel records (the input, then the channels by rank: keys ``input``, ``top_1`` … with the channel number as
+    text). Built in bytes from the small maps on: maps larger than ``max_tile`` are shrunk (area averaging of the
+    scaled values), coloured by table lookup (:func:`cnnvis_tb.render.colorize_uint8`), enlarged by nearest
+    neighbour to ``min_tile``, laid out and captioned, four times fewer bytes moved than in floats."""
     indices, _ = top_channels(activations, k)  # [N, k]
     n, kept = indices.shape
     h, w = activations.shape[-2:]
     maps = activations.float().gather(1, indices[:, :, None, None].expand(n, kept, h, w))  # [N, k, h, w]
     lo = maps.amin(dim=(1, 2, 3), keepdim=True)
     hi = maps.amax(dim=(1, 2, 3), keepdim=True)
-    maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
-    tiles = fit(colorize(maps.flatten(0, 1), "viridis"), min_tile, max_tile).cpu()  # [N*k, 3, t, t']
-    size = tiles.shape[-2:]
-    pictures = images.float().cpu()
-    pictures = pictures.expand(-1, 3, -1, -1) if pictures.shape[1] == 1 else pictures[:, :3]
-    pictures = F.interpolate(pictures, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-    cells = torch.cat([pictures[:, None], tiles.view(n, kept, 3, *size)], dim=1)  # [N, k + 1, 3, t, t']
+    maps = ((maps - lo) / (hi - lo).clamp_min(1e-8)).cpu()
+    shrink = min(h, w) >= min_tile and max(h, w) > max_tile  # as fit() decides: shrunk before, enlarged after colouring
+    tiles = colorize_uint8((fit(maps, min_tile, max_tile) if shrink else maps).flatten(0, 1), "viridis")
+    factor = 1 if shrink else max(1, -(-min_tile // max(1, min(h, w))))  # upscale()'s factor
+    size = (tiles.shape[-2] * factor, tiles.shape[-1] * factor)
+    # The tiles enlarged as they are placed, after a blank cell where the input goes (then drawn at the tiles' size)
+    cells = torch.cat([tiles.new_empty((n, 1, 3, *tiles.shape[-2:])), tiles.view(n, kept, 3, *tiles.shape[-2:])], 1)
     ncol = min(9, kept + 1)
-    grids = make_grids(cells, ncol=ncol, padding=2)
-    boxes = grid_boxes(kept + 1, ncol, tuple(size), padding=2)
+    grids = make_grids(cells, ncol=ncol, padding=2, pad_value=255, factor=factor)
+    boxes = grid_boxes(kept + 1, ncol, size, padding=2)
+    x, y, bw, bh = boxes[0]
+    pictures = as_rgb(images.float().cpu())[:, :3]
+    grids[:, :, y : y + bh, x : x + bw] = to_uint8(F.interpolate(pictures, size=size, mode="bilinear",
+                                                                 align_corners=False))
+    lines = [["top channels: " + ", ".join(str(int(i)) for i in idx)] for idx in indices.tolist()]
+    grids = captions(grids, lines)
     pictures, records = [], []
     for grid, idx in zip(grids, indices.tolist(), strict=True):
-        pictures.append(caption(grid, ["top channels: " + ", ".join(str(int(i)) for i in idx)]))
+        pictures.append(grid)
         records.append([{"key": "input", "label": "input", "box": boxes[0], "text": ["input"]}] + [
             {"key": f"top_{r + 1}", "label": f"top channel {r + 1}", "box": boxes[r + 1],
              "text": [f"channel {c}", f"rank {r + 1}"]}
@@ -137,4 +146,4 @@ class Features(Kind):
                 ctx.warn_once(f"nonfinite-features-{layer}", f"feature maps of {layer!r} hold NaN or inf values")
             pictures, records = _feature_panels(ctx.shown, acts.float().cpu(), self.top_k, 48, 48)
             for i, (panel, panels) in enumerate(zip(pictures, records, strict=True)):
-                out.image(layer, tags.probe_view(i), to_uint8(panel), panels)
+                out.image(layer, tags.probe_view(i), panel, panels)
