@@ -70,6 +70,23 @@ def test_spearman_equals_scipys_definition_without_ties():
     assert spearman(a, -a).max().item() == pytest.approx(-1.0)
 
 
+def test_ties_take_ordinal_ranks_in_order_of_position():
+    """Maps with ties (a map that is 0 outside its blob) rank tied pixels by position, as a stable double argsort
+    would: numpy's, in the test."""
+    from cnnvis_tb.kinds.cam_metrics import _ranks
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 4, (5, 64), generator=g).float()  # many ties
+    expected = np.argsort(np.argsort(x.numpy(), axis=1, kind="stable"), axis=1, kind="stable")
+    assert np.array_equal(_ranks(x).numpy(), expected.astype(np.float32))
+    ra = expected - expected.mean(axis=1, keepdims=True)
+    b = torch.rand(5, 64, generator=g)
+    rb = np.argsort(np.argsort(b.numpy(), axis=1), axis=1)
+    rb = rb - rb.mean(axis=1, keepdims=True)
+    rho = (ra * rb).sum(axis=1) / np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    assert np.allclose(spearman(x, b).numpy(), rho, atol=1e-5)
+
+
 class RedDetector(nn.Module):
     """Class 1 = 'red': its score is the mean redness, seen by a 1x1 conv, so Grad-CAM peaks on the red square."""
 

@@ -86,14 +86,29 @@ def entropy(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
+    """Ordinal ranks along dim 1 (ties in order of position): one sort, its permutation inverted by a scatter."""
+    order = x.argsort(dim=1, stable=True)
+    positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+    return torch.empty(x.shape, device=x.device, dtype=torch.float32).scatter_(1, order, positions)
+
+
+def rank_vectors(maps: torch.Tensor) -> torch.Tensor:
+    """Each map's ranks ``[N, P]`` centred and scaled to unit length: the Spearman correlation of two maps is then
+    the dot product of their rank vectors (:func:`spearman_of_ranks`), so a map is sorted once however often it is
+    compared (with the previous step's map, with the other methods' maps)."""
+    r = _ranks(maps.flatten(1).float())
+    r = r - r.mean(dim=1, keepdim=True)
+    return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def spearman_of_ranks(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Per-row Spearman correlation ``[N]`` of two :func:`rank_vectors`."""
+    return (ra * rb.to(ra.device)).sum(dim=1).float()
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra, rb = _ranks(a.flatten(1)), _ranks(b.flatten(1).to(a.device))
-    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
-    den = (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
-    return ((ra * rb).sum(dim=1) / den).float()
+    """Per-map Spearman rank correlation ``[N]`` of two map sets (ordinal ranks: ties in order of position)."""
+    return spearman_of_ranks(rank_vectors(a), rank_vectors(b.to(a.device)))
 
 
 def top_iou(maps: torch.Tensor, region: torch.Tensor, fraction: float = TOP_AREA) -> torch.Tensor:

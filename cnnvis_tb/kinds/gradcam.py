@@ -28,7 +28,8 @@ from cnnvis_tb.kinds.cam_metrics import (
     perturbation_counts,
     pointing,
     regions,
-    spearman,
+    rank_vectors,
+    spearman_of_ranks,
     top_iou,
 )
 from cnnvis_tb.layers import resolve_layer, select_output, unwrap_model
@@ -311,7 +312,7 @@ class GradCam(Kind):
         self.deletion_steps = positive_int("deletion_steps", deletion_steps)
         self.background_metrics = bool(background_metrics)
         self._copies = FrozenCopies()  # the frozen copy of background_metrics, reused from step to step
-        self._previous_maps: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._previous_ranks: dict[tuple[str, str, str], torch.Tensor] = {}  # each map set's rank_vectors
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
 
@@ -592,6 +593,7 @@ class GradCam(Kind):
         (``.../pointing/<method>/<target>/probe_<i>``); see :mod:`cnnvis_tb.kinds.cam_metrics` and
         :func:`cnnvis_tb.tags.cam_metric_name`."""
         region = regions(ctx.info.probe.boxes, ctx.info.probe.masks, size)
+        ranked: dict[int, torch.Tensor] = {}
         for spec in self._specs:
             for key in order:
                 which = (layer, spec.name, key)
@@ -616,14 +618,17 @@ class GradCam(Kind):
                     deletion, insertion = computed.deletion[which]
                     out.scalar(layer, name("deletion"), deletion.mean().item())
                     out.scalar(layer, name("insertion"), insertion.mean().item())
-                previous = self._previous_maps.get(which)
-                if previous is not None and previous.shape == full.shape:
-                    out.scalar(layer, name("stability"), spearman(full, previous).mean().item())
-                self._previous_maps[which] = full
+                ranks = ranked.get(id(computed.full[which]))  # equal target sets share their maps, so their ranks
+                if ranks is None:
+                    ranks = ranked[id(computed.full[which])] = rank_vectors(full)
+                previous = self._previous_ranks.get(which)
+                if previous is not None and previous.shape == ranks.shape:
+                    out.scalar(layer, name("stability"), spearman_of_ranks(ranks, previous).mean().item())
+                self._previous_ranks[which] = ranks
         if len(self._specs) > 1:  # do the methods agree? mean Spearman correlation over pairs of methods
             for key in order:
-                fulls = [self._previous_maps[(layer, spec.name, key)] for spec in self._specs]  # this step's
-                pairs = [spearman(a, b).mean() for i, a in enumerate(fulls) for b in fulls[i + 1:]]
+                ranks = [self._previous_ranks[(layer, spec.name, key)] for spec in self._specs]  # this step's
+                pairs = [spearman_of_ranks(a, b).mean() for i, a in enumerate(ranks) for b in ranks[i + 1:]]
                 out.scalar(layer, tags.cam_agreement_name(key), torch.stack(pairs).mean().item())
 
     def close(self) -> None:
