@@ -202,18 +202,23 @@ def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, p
     nrow = -(-n // ncol)
     ch, cw = h * factor + padding, w * factor + padding
     grid = tiles.new_full((b, c, nrow * ch + padding, ncol * cw + padding), pad_value)
+    # Tiles enlarged along their rows first (a small copy: contiguous runs of w * factor pixels to place, not runs of
+    # factor, which copy several times slower); each row is then repeated factor times as it is placed.
+    if factor > 1:
+        tiles = tiles.repeat_interleave(factor, dim=-1)
+    wide = w * factor
     # The grid without its bottom and right border, seen as [B, C, row, cell row, column, cell column]: each
-    # cell holds its padding above and to the left, then its tile, seen as [h, factor, w, factor] (each source
-    # pixel's block). One strided, broadcasting copy per block of full rows.
+    # cell holds its padding above and to the left, then its tile, seen as [h, factor, w * factor] (each source
+    # row's block). One strided, broadcasting copy per block of full rows.
     cells = grid[:, :, : nrow * ch, : ncol * cw].view(b, c, nrow, ch, ncol, cw)[:, :, :, padding:, :, padding:]
-    cells = cells.unflatten(5, (w, factor)).unflatten(3, (h, factor))  # [B, C, row, h, f, column, w, f]
+    cells = cells.unflatten(3, (h, factor))  # [B, C, row, h, f, column, w * f]
     full = n // ncol
     if full:
-        src = tiles[:, : full * ncol].reshape(b, full, ncol, c, h, w).permute(0, 3, 1, 4, 2, 5)
-        cells[:, :, :full] = src[:, :, :, :, None, :, :, None]
+        src = tiles[:, : full * ncol].reshape(b, full, ncol, c, h, wide).permute(0, 3, 1, 4, 2, 5)
+        cells[:, :, :full] = src[:, :, :, :, None]
     if n > full * ncol:  # the last, partly filled row
         rest = n - full * ncol
-        cells[:, :, full, :, :, :rest] = tiles[:, full * ncol :].permute(0, 2, 3, 1, 4)[:, :, :, None, :, :, None]
+        cells[:, :, full, :, :, :rest] = tiles[:, full * ncol :].permute(0, 2, 3, 1, 4)[:, :, :, None]
     return grid
 
 
