@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,13 +19,20 @@ def histogram(values: torch.Tensor, bins: int = 64) -> dict | None:
     "bucket_limits", "bucket_counts", "nonfinite"}`` (arguments of ``SummaryWriter.add_histogram_raw``),
     or None when no value is finite."""
     v = values.detach().flatten().float()
-    finite = torch.isfinite(v)
-    nonfinite = int(v.numel() - finite.sum())
-    if nonfinite:
-        v = v[finite]
     if v.numel() == 0:
         return None
-    lo, hi = float(v.min()), float(v.max())
+    nonfinite = 0
+    lo, hi = torch.aminmax(v)  # NaN and inf reach the min or the max: all finite when both are
+    stats = torch.stack([lo, hi, v.sum(), v.dot(v)]).tolist()  # one read back from the device
+    if not all(map(math.isfinite, stats[:2])):
+        finite = torch.isfinite(v)
+        nonfinite = int(v.numel() - finite.sum())
+        v = v[finite]
+        if v.numel() == 0:
+            return None
+        lo, hi = torch.aminmax(v)
+        stats = torch.stack([lo, hi, v.sum(), v.dot(v)]).tolist()
+    lo, hi, total, squares = stats
     if hi <= lo:
         hi = lo + 1e-6 * max(1.0, abs(lo))
     counts = torch.histc(v, bins=bins, min=lo, max=hi)
@@ -32,8 +41,8 @@ def histogram(values: torch.Tensor, bins: int = 64) -> dict | None:
         "min": lo,
         "max": hi,
         "num": int(v.numel()),
-        "sum": float(v.sum()),
-        "sum_squares": float((v * v).sum()),
+        "sum": total,
+        "sum_squares": squares,
         "bucket_limits": limits.tolist(),
         "bucket_counts": counts.cpu().tolist(),
         "nonfinite": nonfinite,
