@@ -32,8 +32,8 @@ setup(
         "tensorboard>=2.14",
         "numpy>=1.23",
         "pillow>=9.0",
-        "google-crc32c>=1.5",
-        "isal>=1.6",  # ISA-L's deflate for the PNGs: about 4x faster than zlib's (see cnnvis_tb/events.py)  # C checksums for TensorBoard event records (see cnnvis_tb/events.py)
+        "google-crc32c>=1.5",  # C checksums for TensorBoard event records (see cnnvis_tb/events.py)
+        "isal>=1.6",  # ISA-L's deflate for the PNGs: about 4x faster than zlib's (see cnnvis_tb/events.py)
         "tqdm>=4.60",  # progress bars of the examples (cnnvis_tb.progress)
     ],
     extras_require={

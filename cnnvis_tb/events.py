@@ -7,8 +7,8 @@ Only the work is cheaper, and it is done on the training thread, so it is the lo
 * **PNG encoding.** ``add_image`` has Pillow choose among five row filters for every row and compress at zlib
   level 6. We use one filter ("Up": each row minus the row above, one array subtraction) and deflate at level 1,
   with Intel's ISA-L (the ``isal`` package) when it is installed: its level-1 deflate writes the same format
-  (any PNG reader decodes it) about 4x faster than zlib's level 1, for about 10 % more bytes (on the pictures
-  of a default demo logging step: 6.4 ms instead of 26 ms, 844 kB instead of 767 kB). Without ``isal`` (or with
+  (any PNG reader decodes it) about 4x faster than zlib's level 1, for about 10 % more bytes (the README's
+  benchmark section gives the time and size measured on a default demo logging step). Without ``isal`` (or with
   the environment variable ``CNNVIS_TB_FAST_PNG=0``) zlib's level 1 is used.
 * **Record checksums.** Without TensorFlow, TensorBoard checksums every event record (CRC-32C) in pure Python:
   2.3 ms per 15 kB picture, in the writer's thread, holding the GIL the training thread needs. When the C

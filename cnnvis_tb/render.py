@@ -28,6 +28,7 @@ __all__ = [
     "captions",
     "grid_boxes",
     "upscale",
+    "upscale_factor",
     "fit",
 ]
 
@@ -222,11 +223,16 @@ def make_grids(tiles: torch.Tensor, ncol: int | None = None, padding: int = 1, p
     return grid
 
 
+def upscale_factor(h: int, w: int, min_size: int) -> int:
+    """The smallest integer factor that makes the shorter of ``h``, ``w`` at least ``min_size`` (1 if it is)."""
+    return max(1, -(-min_size // max(1, min(h, w))))
+
+
 @torch.no_grad()
 def upscale(images: torch.Tensor, min_size: int, mode: str = "nearest") -> torch.Tensor:
     """Enlarge ``[N, C, h, w]`` by the smallest integer factor that makes the shorter side ``>= min_size``."""
     h, w = images.shape[-2:]
-    factor = max(1, -(-min_size // max(1, min(h, w))))
+    factor = upscale_factor(h, w, min_size)
     if factor == 1:
         return images
     if mode == "nearest":  # every pixel repeated factor x factor times, as one broadcast copy
@@ -359,11 +365,6 @@ def _shade(ink: torch.Tensor) -> torch.Tensor:
 def _shade_uint8(ink: torch.Tensor) -> torch.Tensor:
     """:func:`_shade` in bytes (the same grey levels, rounded)."""
     return (255 - ink.float() * (1 - _TEXT_INK)).round_().to(torch.uint8)
-
-
-def _text_line(text: str, width: int, font_size: int) -> torch.Tensor:
-    """One caption line, ``[3, font_size + 3, width]`` float, dark text on white (see :func:`_line_ink`)."""
-    return _shade(_line_ink(text, width, font_size)).expand(3, -1, -1)
 
 
 @torch.no_grad()

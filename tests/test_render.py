@@ -117,16 +117,16 @@ def test_caption_lines_from_the_glyph_atlas_match_pillows_own_drawing():
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from cnnvis_tb.render import _font, _text_line
+    from cnnvis_tb.render import _font, _line_ink, _shade
 
     font = _font(11)
     for text in ["Grad-CAM++", "pred: triangle · 97%", "pred: class 3 · 25%", "top channels: 12, 4, 55, 3", "true: {circle} <b>&amp;"]:
         canvas = Image.new("RGB", (200, 14), (255, 255, 255))
         ImageDraw.Draw(canvas).text((2, 0), text, fill=(20, 20, 20), font=font)
         expected = np.asarray(canvas, dtype=np.float32) / 255
-        ours = _text_line(text, 200, 11).permute(1, 2, 0).numpy()
+        ours = _shade(_line_ink(text, 200, 11)).numpy()[..., None]  # one caption line's grey levels
         assert np.abs(ours - expected).max() <= 4 / 255, text  # where two glyphs touch, coverage may differ a hair
-    assert _text_line("naïve", 60, 11).shape == (3, 14, 60)  # characters outside the atlas are drawn by Pillow
+    assert _line_ink("naïve", 60, 11).shape == (14, 60)  # characters outside the atlas are drawn by Pillow
 
 
 def test_the_caption_cache_is_bounded_in_lines_and_keeps_one_byte_per_pixel():

@@ -12,7 +12,7 @@ from cnnvis_tb import tags
 from cnnvis_tb.hooks import capture
 from cnnvis_tb.kinds.base import Kind, Needs, Output, StepContext, positive_int
 from cnnvis_tb.layers import resolve_layer, unwrap_model
-from cnnvis_tb.render import as_rgb, captions, colorize_uint8, fit, grid_boxes, make_grids, to_uint8
+from cnnvis_tb.render import as_rgb, captions, colorize_uint8, fit, grid_boxes, make_grids, to_uint8, upscale_factor
 from cnnvis_tb.safety import model_device, model_dtype, preserved
 
 __all__ = ["feature_maps", "top_channels", "feature_panel", "feature_panels", "Features"]
@@ -86,7 +86,7 @@ def _feature_panels(images, activations, k, min_tile, max_tile) -> tuple[list[to
     maps = ((maps - lo) / (hi - lo).clamp_min(1e-8)).cpu()
     shrink = min(h, w) >= min_tile and max(h, w) > max_tile  # as fit() decides: shrunk before, enlarged after colouring
     tiles = colorize_uint8((fit(maps, min_tile, max_tile) if shrink else maps).flatten(0, 1), "viridis")
-    factor = 1 if shrink else max(1, -(-min_tile // max(1, min(h, w))))  # upscale()'s factor
+    factor = 1 if shrink else upscale_factor(h, w, min_tile)
     size = (tiles.shape[-2] * factor, tiles.shape[-1] * factor)
     # The tiles enlarged as they are placed, after a blank cell where the input goes (then drawn at the tiles' size)
     cells = torch.cat([tiles.new_empty((n, 1, 3, *tiles.shape[-2:])), tiles.view(n, kept, 3, *tiles.shape[-2:])], 1)

@@ -13,6 +13,12 @@ from cnnvis_tb.kinds.base import Kind, Output, StepContext
 __all__ = ["histogram", "log_histograms", "parameter_histograms", "write_histograms", "Histograms"]
 
 
+def _stats(v: torch.Tensor) -> list[float]:
+    """Min, max, sum and sum of squares of a flat tensor, in one read back from its device."""
+    lo, hi = torch.aminmax(v)
+    return torch.stack([lo, hi, v.sum(), v.dot(v)]).tolist()
+
+
 @torch.no_grad()
 def histogram(values: torch.Tensor, bins: int = 64) -> dict | None:
     """Summary of the finite values of a tensor: ``{"min", "max", "num", "sum", "sum_squares",
@@ -22,17 +28,14 @@ def histogram(values: torch.Tensor, bins: int = 64) -> dict | None:
     if v.numel() == 0:
         return None
     nonfinite = 0
-    lo, hi = torch.aminmax(v)  # NaN and inf reach the min or the max: all finite when both are
-    stats = torch.stack([lo, hi, v.sum(), v.dot(v)]).tolist()  # one read back from the device
-    if not all(map(math.isfinite, stats[:2])):
+    lo, hi, total, squares = _stats(v)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN and inf reach the min or the max: all finite when both are
         finite = torch.isfinite(v)
         nonfinite = int(v.numel() - finite.sum())
         v = v[finite]
         if v.numel() == 0:
             return None
-        lo, hi = torch.aminmax(v)
-        stats = torch.stack([lo, hi, v.sum(), v.dot(v)]).tolist()
-    lo, hi, total, squares = stats
+        lo, hi, total, squares = _stats(v)
     if hi <= lo:
         hi = lo + 1e-6 * max(1.0, abs(lo))
     counts = torch.histc(v, bins=bins, min=lo, max=hi)

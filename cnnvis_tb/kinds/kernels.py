@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb.kinds.base import Kind, Output, StepContext, positive_int
-from cnnvis_tb.render import colorize, make_grid, to_uint8
+from cnnvis_tb.render import colorize, make_grid, to_uint8, upscale_factor
 
 __all__ = ["kernel_grid", "KernelGrid", "render_kernels", "Kernels"]
 
@@ -85,7 +85,7 @@ def render_kernels(
         if i > 1:
             tiles, ncol = _wrap_rows(tiles, o, i)
     # Quantized before enlarging: the grid (up to ~1000 x 300 px) is laid out in bytes, not floats.
-    factor = max(1, -(-min_tile // max(1, min(tiles.shape[-2:]))))  # as upscale(tiles, min_tile) enlarges
+    factor = upscale_factor(*tiles.shape[-2:], min_tile)
     grid = make_grid(to_uint8(tiles), ncol=ncol, padding=padding, pad_value=255, factor=factor)
     return KernelGrid(grid, w.shape[0], total_out, shown_in, total_in, nonfinite)
 
