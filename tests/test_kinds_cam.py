@@ -452,3 +452,48 @@ def test_callable_targets_agree_with_pytorch_grad_cam(cases, method, output):
         extractor.activations_and_grads.release()
     corr = [_corr(a, b) for a, b in zip(ours, theirs, strict=True)]
     assert min(corr) >= 0.99, corr
+
+
+def _psd(values: torch.Tensor, seed: int) -> torch.Tensor:
+    """Symmetric PSD matrices ``[N, d, d]`` with the given eigenvalues ``[N, d]`` and random eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(values.shape[0], values.shape[1], values.shape[1], generator=g,
+                                       dtype=torch.float64))
+    return (q * values[:, None, :].double()) @ q.transpose(1, 2)
+
+
+@pytest.mark.parametrize("d", [4, 17, 64, 256, 300])
+def test_leading_eigenvector_by_squaring_matches_eigh(d):
+    from cnnvis_tb.kinds.cam_methods import _leading_eigenvectors
+
+    values = torch.rand(6, d, generator=torch.Generator().manual_seed(d)) ** 3
+    values[:, 0] = values.max(dim=1).values * torch.tensor([1.02, 1.05, 1.5, 3.0, 10.0, 100.0])  # gaps of 2 %...
+    gram = _psd(values, seed=d)
+    vectors, top = _leading_eigenvectors(gram.float())
+    expected_values, expected = torch.linalg.eigh(gram)
+    cosine = (vectors.double() * expected[:, :, -1]).sum(1).abs()
+    assert torch.all(cosine > 1 - 1e-5), cosine
+    torch.testing.assert_close(top.double(), expected_values[:, -1], rtol=1e-4, atol=0)
+
+
+def test_leading_eigenvector_with_nearly_equal_eigenvalues_falls_back_to_eigh(monkeypatch):
+    import cnnvis_tb.kinds.cam_methods as methods
+
+    values = torch.linspace(0.01, 0.5, 64).repeat(2, 1)
+    values[:, -2] = 0.5
+    values[:, -1] = 0.5 * (1 + torch.tensor([1e-3, 0.5]))  # nearly tied leading pairs, and a clear one
+    gram = _psd(values, seed=1).float()
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(methods.torch.linalg, "eigh", lambda m: calls.append(m.shape[0]) or eigh(m))
+    vectors, _ = methods._leading_eigenvectors(gram)
+    assert calls == [1]  # only the unconverged matrix was redone
+    expected = eigh(gram.double())[1][:, :, -1]
+    assert torch.all((vectors.double() * expected).sum(1).abs() > 1 - 1e-4)
+
+
+def test_eigencam_of_a_dead_layer_is_zero_not_nan():
+    from cnnvis_tb.kinds.gradcam import cam_from_gradients
+
+    maps = cam_from_gradients(torch.zeros(2, 64, 8, 8), torch.ones(2, 64, 8, 8), "eigengradcam")
+    assert torch.equal(maps, torch.zeros(2, 8, 8))

@@ -27,8 +27,8 @@ from cnnvis_tb.kinds.cam_metrics import (
     entropy,
     perturbation_counts,
     pointing,
-    regions,
     rank_vectors,
+    regions,
     spearman_of_ranks,
     top_iou,
 )
