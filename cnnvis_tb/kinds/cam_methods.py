@@ -120,6 +120,18 @@ _SQUARING_SIZES = (17, 256)
 _SQUARINGS = 10
 
 
+def _by_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading eigenvector and eigenvalue of each ``[N, d, d]`` by LAPACK (``eigh`` sorts them ascending)."""
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors[:, :, -1], values[:, -1]
+
+
+def _trace_normalized_(power: torch.Tensor) -> torch.Tensor:
+    """Divides each ``[d, d]`` of ``power`` by its trace, in place (a zero trace leaves it as it is)."""
+    trace = power.diagonal(dim1=1, dim2=2).sum(1)
+    return power.div_(trace.clamp_min(torch.finfo(power.dtype).tiny)[:, None, None])
+
+
 def _leading_eigenvectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The unit eigenvector of the largest eigenvalue of each symmetric positive semi-definite ``[N, d, d]``, and
     that eigenvalue: ``([N, d], [N])``.
@@ -131,26 +143,23 @@ def _leading_eigenvectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     residual ``|G v - ρ v| <= 1e-4 |G v|``) and any image that fails it (two nearly equal leading eigenvalues) is
     redone with ``eigh``."""
     n, d, _ = gram.shape
-    tiny = torch.finfo(gram.dtype).tiny
     if not _SQUARING_SIZES[0] <= d <= _SQUARING_SIZES[1]:
-        values, vectors = torch.linalg.eigh(gram)  # ascending
-        return vectors[:, :, -1], values[:, -1]
-    power = gram / gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(tiny)[:, None, None]
+        return _by_eigh(gram)
+    power = _trace_normalized_(gram.clone())
     spare = torch.empty_like(power)
     for i in range(_SQUARINGS):
         power, spare = torch.bmm(power, power, out=spare), power
         if i % 3 == 2:  # a trace-1 matrix's leading eigenvalue is at least 1/d: three squarings stay above d^-8
-            power.div_(power.diagonal(dim1=1, dim2=2).sum(1).clamp_min(tiny)[:, None, None])
+            _trace_normalized_(power)
     longest = power.norm(dim=1).argmax(dim=1)  # [N]: the column with most of v1 in it
     vectors = power.gather(2, longest.view(n, 1, 1).expand(n, d, 1))[:, :, 0]
-    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(tiny)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
     applied = torch.bmm(gram, vectors[:, :, None])[:, :, 0]
     values = (applied * vectors).sum(1)  # the Rayleigh quotient
     residual = (applied - values[:, None] * vectors).norm(dim=1)
     unsure = residual > 1e-4 * applied.norm(dim=1)
     if unsure.any():
-        redo_values, redo_vectors = torch.linalg.eigh(gram[unsure])
-        vectors[unsure], values[unsure] = redo_vectors[:, :, -1], redo_values[:, -1]
+        vectors[unsure], values[unsure] = _by_eigh(gram[unsure])
     return vectors, values
 
 
