@@ -106,7 +106,8 @@ class VisLogger:
             ``True`` (``"default"``): per layer, method and target the map's entropy, stability, agreement and
             confidence drop / increase, with ``probe_boxes`` / ``probe_masks`` the pointing game, the energy in
             the box and the IoU, and the deletion / insertion AUCs of the first method's map of the predicted
-            class; ``"all"``: deletion / insertion for every method and target too; ``"cheap"``: only the
+            class (above 64 x 64 pixels at every 4th Grad-CAM step: ``GradCam(deletion_every=...)``);
+            ``"all"``: deletion / insertion for every method and target too; ``"cheap"``: only the
             metrics computed from the maps (none that runs the model again); ``False``: none. With
             ``async_logging`` the ones that run the model run on the worker, on a frozen copy of the model.
         probe_boxes: one object box per probe image ``[N, 4]`` as ``(x0, y0, x1, y1)`` in input pixels.

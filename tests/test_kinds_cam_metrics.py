@@ -542,6 +542,50 @@ def test_bad_deletion_steps_fail_in_the_constructor(tmp_path):
     assert read_events(tmp_path).Scalars("cnnvis/metrics/gradcam/body/deletion/gradcam/pred")
 
 
+@pytest.mark.parametrize("async_logging", [True, False])
+def test_deletion_insertion_run_every_fourth_grad_cam_step_on_large_inputs(tmp_path, async_logging):
+    """Above 64 x 64 pixels deletion / insertion run at multiples of 4 Grad-CAM intervals (step 0 included) and at
+    a log_now off the schedule; the other metrics at every logging step. Up to 64 x 64, and with deletion_every=1,
+    at every step; deletion_every=2 halves them."""
+    from cnnvis_tb.kinds.gradcam import LARGE_INPUT_DELETION_EVERY, GradCam
+
+    assert LARGE_INPUT_DELETION_EVERY == 4
+    torch.manual_seed(3)
+    model = TinyCNN().eval()
+
+    def steps_of(log_dir, size, kind):
+        probe, labels = make_batch(12, n=2, h=size, w=size)
+        with VisLogger(model, log_dir, probe=probe, probe_labels=labels, strict=True, layers={"gradcam": ["body"]},
+                       kinds=[kind], every=10, async_logging=async_logging) as vis:
+            for step in range(0, 100):
+                vis.step(step)
+            vis.log_now(105)  # off the schedule: asked for, so everything runs
+            vis.log_now(110)  # on the schedule (not a multiple of 40): as a scheduled step
+        acc = read_events(log_dir)
+        tag = "cnnvis/metrics/gradcam/body/{}/gradcam/pred"
+        return ([s.step for s in acc.Scalars(tag.format("deletion"))],
+                [s.step for s in acc.Scalars(tag.format("insertion"))],
+                [s.step for s in acc.Scalars(tag.format("entropy"))])
+
+    every_step = list(range(0, 100, 10)) + [105, 110]
+    deletion, insertion, entropy_steps = steps_of(tmp_path / "large", 72, GradCam(methods=["gradcam"]))
+    assert deletion == insertion == [0, 40, 80, 105] and entropy_steps == every_step
+    deletion, _, _ = steps_of(tmp_path / "small", 64, GradCam(methods=["gradcam"]))
+    assert deletion == every_step
+    deletion, _, _ = steps_of(tmp_path / "every1", 72, GradCam(methods=["gradcam"], deletion_every=1))
+    assert deletion == every_step
+    deletion, _, _ = steps_of(tmp_path / "every2", 64, GradCam(methods=["gradcam"], deletion_every=2))
+    assert deletion == [0, 20, 40, 60, 80, 105]
+
+
+def test_bad_deletion_every_fails_in_the_constructor():
+    from cnnvis_tb.kinds.gradcam import GradCam
+
+    for bad in (0, -1, 1.5, "4"):
+        with pytest.raises(ValueError, match=r"deletion_every must be a positive int"):
+            GradCam(deletion_every=bad)
+
+
 def test_metric_names_of_the_tag_scheme():
     assert tags.cam_metric_name("pointing", "gradcam++", "true") == "pointing/gradcam++/true"
     assert tags.cam_metric_name("pointing", "gradcam", "pred", 3) == "pointing/gradcam/pred/probe_003"

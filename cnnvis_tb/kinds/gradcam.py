@@ -254,6 +254,14 @@ COSTLY_IMAGES = 4096
 #: (``2·(steps − 1)`` perturbed images per map, the costliest) for the first method's map of the predicted class.
 #: ``"all"``: deletion / insertion for every method and target too.
 CAM_METRICS = ("default", "all", "cheap")
+#: Inputs up to this many pixels (64 × 64) get deletion / insertion at every Grad-CAM logging step by default.
+SMALL_INPUT_PIXELS = 64 * 64
+#: The default ``deletion_every`` for larger inputs. Their perturbed images (``2·steps`` per probe image) are forwards
+#: of the whole model, whose cost grows with the pixels faster than the logging step's other work: on ResNet-18 at
+#: 224 px they are 5.7 training steps (batch 8) against about 3 for the rest of a default logging step at a Grad-CAM
+#: step, so at every 4th such step they are about a third of the logging work, averaged over the run
+#: (``bench/bench_metrics.py``); at 32 px they are a fifth of every step.
+LARGE_INPUT_DELETION_EVERY = 4
 #: Seconds of deletion / insertion at one logging step above which the kind warns (once) about their cost.
 SLOW_DELETION_SECONDS = 5.0
 
@@ -287,6 +295,10 @@ class GradCam(Kind):
             :data:`CAM_METRICS`).
         deletion_steps: perturbation steps of the deletion / insertion curves
             (:func:`cnnvis_tb.kinds.cam_metrics.deletion_insertion`).
+        deletion_every: run deletion / insertion at the logging steps that are multiples of ``deletion_every``
+            logging intervals (step 0 included), and at a ``log_now`` off the kind's schedule; None (the default):
+            1 (every logging step) when the probe images have at most :data:`SMALL_INPUT_PIXELS` pixels, else
+            :data:`LARGE_INPUT_DELETION_EVERY` (see there why).
         background_metrics: with asynchronous logging, run the metrics that need the model (confidence, deletion /
             insertion) on the worker, on a frozen copy of the model taken at the logging step (one more copy of
             the parameters and buffers while they run), so the training thread pays only for the copy. False:
@@ -300,8 +312,8 @@ class GradCam(Kind):
     follows_layer_list = False  # a plain layers=[...] list names layers to look inside; Grad-CAM keeps its own
 
     def __init__(self, *, methods=("gradcam", "gradcam++"), batch_size: int = 64, scale: str = "image",
-                 metrics: bool | str = True, deletion_steps: int = DELETION_STEPS, background_metrics: bool = True,
-                 every: int | None = None, layers=None) -> None:
+                 metrics: bool | str = True, deletion_steps: int = DELETION_STEPS, deletion_every: int | None = None,
+                 background_metrics: bool = True, every: int | None = None, layers=None) -> None:
         super().__init__(every=every, layers=layers)
         self.methods = check_methods(methods)
         self.batch_size = positive_int("cam_batch_size", batch_size)
@@ -310,6 +322,8 @@ class GradCam(Kind):
         self.scale = scale
         self.metrics = check_cam_metrics(metrics)
         self.deletion_steps = positive_int("deletion_steps", deletion_steps)
+        self.deletion_every_given = None if deletion_every is None else positive_int("deletion_every", deletion_every)
+        self.deletion_every = self.deletion_every_given or 1  # set from the probe's size in setup when not given
         self.background_metrics = bool(background_metrics)
         self._copies = FrozenCopies()  # the frozen copy of background_metrics, reused from step to step
         self._previous_ranks: dict[tuple[str, str, str], torch.Tensor] = {}  # each map set's rank_vectors
@@ -331,6 +345,9 @@ class GradCam(Kind):
 
     def setup(self, info: ModelInfo) -> None:
         super().setup(info)
+        if self.deletion_every_given is None:
+            pixels = info.probe.images.shape[-2] * info.probe.images.shape[-1]
+            self.deletion_every = 1 if pixels <= SMALL_INPUT_PIXELS else LARGE_INPUT_DELETION_EVERY
         self._bias = bias_layers(info.net) if any(s.full_gradients for s in self._specs) else {}
         shapes = info.layer_shapes
         for layer in self.layers:
@@ -355,9 +372,10 @@ class GradCam(Kind):
                                "step; choose a layer with fewer channels, a smaller probe or a larger every['gradcam']")
 
     def details(self) -> str:
+        when = "" if self.deletion_every == 1 else f", every {self.deletion_every * self.every} steps"
         metrics = {"default": f"default (deletion / insertion of {METHODS[self.methods[0]].label} · pred in "
-                              f"{self.deletion_steps} steps)",
-                   "all": f"all (deletion / insertion in {self.deletion_steps} steps)", "cheap": "cheap",
+                              f"{self.deletion_steps} steps{when})",
+                   "all": f"all (deletion / insertion in {self.deletion_steps} steps{when})", "cheap": "cheap",
                    False: "off"}[self.metrics]
         return super().details() + f"; methods: {', '.join(self.methods)}; scale: {self.scale}; metrics: {metrics}"
 
@@ -440,9 +458,15 @@ class GradCam(Kind):
         warns once and leaves them out (the pictures and the other metrics still log)."""
         def run() -> None:
             computed.confidence = self._confidence_changes(ctx, net, computed.full)
-            computed.deletion = self._deletion_insertion(ctx, net, computed.full)
+            if self.deletion_due(ctx.step):
+                computed.deletion = self._deletion_insertion(ctx, net, computed.full)
 
         ctx.guarded("gradcam metrics", run)
+
+    def deletion_due(self, step: int) -> bool:
+        """Whether deletion / insertion run at ``step``: at multiples of ``deletion_every`` logging intervals, and
+        at a step off the kind's schedule (a ``log_now`` asked for it)."""
+        return step % (self.deletion_every * self.every) == 0 or step % self.every != 0
 
     def _deletion_insertion(self, ctx, net, full) -> dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]]:
         """Per-image deletion and insertion AUCs ``([N], [N])`` of the map sets chosen by ``metrics`` (see
@@ -493,7 +517,7 @@ class GradCam(Kind):
             ctx.warn_once("deletion-cost", f"deletion / insertion took {seconds:.1f} s at step {ctx.step} ({images:,} "
                           f"perturbed images in {-(-images // self.batch_size):,} forward passes); cam_metrics='cheap' "
                           "leaves them out (and the confidence drop / increase); GradCam(deletion_steps=...) with "
-                          "fewer steps or a larger every['gradcam'] makes them cheaper"
+                          "fewer steps, GradCam(deletion_every=...) or a larger every['gradcam'] makes them cheaper"
                           + ("" if self.metrics != "all" else "; cam_metrics=True runs them for the first method's "
                              "map of the predicted class only"))
         return {which: (deletion[slot], insertion[slot]) for which, slot in slots.items()}
