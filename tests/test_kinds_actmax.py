@@ -294,6 +294,39 @@ def test_diversity_makes_one_channels_images_less_alike_and_they_still_beat_the_
     assert beats[0.5] >= 0.9 and beats[0.0] >= 0.9  # every image of a channel beats every one of 64 probe images
 
 
+@pytest.mark.parametrize("d", [1, 3])
+def test_the_unwarped_last_steps_make_the_middle_layers_images_beat_the_probe(trained_demo, d):
+    """features.2.0 sits behind two stride-2 convolutions: an image optimized under random shifts alone is weaker
+    at the unshifted view it is shown and scored at. With the last quarter of the steps unwarped (the default) the
+    images of at least 90 % of 16 channels beat every one of 64 probe images, and the channels are excited more
+    than with every step warped (measured on this fixture: 100 % / 94 % of channels for d = 1 / 3, against 88 % /
+    81 %; median 3.6x / 3.4x the best probe image against 3.2x / 2.9x)."""
+    model, probe = trained_demo
+    layer = "features.2.0"
+    channels = list(range(0, 64, 4))
+    normalize = lambda x: (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)  # noqa: E731
+    best_real = feature_maps(model, probe, [layer])[layer].mean(dim=(2, 3))[:, channels].amax(dim=0)
+    wanted = torch.tensor(channels).repeat_interleave(d)
+    beats, ratio = {}, {}
+    for settle in (0.0, 0.25):
+        with _one_thread():
+            images = activation_maximization(model, layer, channels, 32, mean=MEAN, std=STD, diversity=d,
+                                             settle=settle)
+        acts = feature_maps(model, normalize(images), [layer])[layer]
+        synth = acts.mean(dim=(2, 3))[torch.arange(len(wanted)), wanted].view(-1, d).amin(dim=1)
+        beats[settle] = float((synth > best_real).float().mean())
+        ratio[settle] = float((synth / best_real.clamp_min(1e-3)).median())
+    assert beats[0.25] >= 0.9, beats
+    assert ratio[0.25] > ratio[0.0], ratio
+
+
+def test_settle_must_be_a_share_of_the_steps():
+    for bad in (-0.1, 1.0, 2, "0.25", None):
+        with pytest.raises(ValueError, match=r"settle must be in \[0, 1\)"):
+            ActMaxConfig(settle=bad)
+    assert ActMaxConfig(settle=0).settle == 0
+
+
 def test_diversity_keeps_batching_exact_and_d_1_unchanged():
     torch.manual_seed(0)
     model = TinyCNN()

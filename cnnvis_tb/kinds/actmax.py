@@ -110,7 +110,12 @@ class ActMaxConfig:
     ``None`` (the default) scales each to the input's shorter side ``s`` (:func:`transform_sizes`):
     ``pad = ceil(s/16)``, ``jitter = ceil(s/28)``, ``scale = 0.05..0.1`` and ``rotate = 0..10`` degrees, growing
     linearly from 32 px to 224 px: 224 px gets pad 14, jitter 8, 0.9x-1.1x and +-10 degrees (the usual ImageNet
-    recipe); 32 px gets pad 2, jitter 2, 0.95x-1.05x and no rotation (as sharp as before).
+    recipe); 32 px gets pad 2, jitter 2, 0.95x-1.05x and no rotation (as sharp as before). The last ``settle``
+    share of the steps (a quarter by default) optimizes the images unwarped, as they are shown and scored: a warp
+    of a few pixels moves the image against a strided layer's sampling grid, so an image robust to every warp is
+    weaker at the one view that counts. Measured on the demo CNN (16 channels, 4 seeds): at features.2.0 the
+    median activation went from 3.8-4.8x the best of 64 probe images to 7.1-8.3x, and channels whose image beats
+    them all from 88-100 % to 100 %, with total variation 3 % higher (images about as smooth).
 
     Diversity: ``diversity = d > 1`` optimizes ``d`` images per channel in the same batch (``K d`` images) and
     subtracts from the objective, per channel, ``diversity_weight`` x the group's mean activation (detached, so the
@@ -131,6 +136,7 @@ class ActMaxConfig:
     seed: int = 0
     diversity: int = 1
     diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT
+    settle: float = 0.25
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -145,6 +151,9 @@ class ActMaxConfig:
         if self.rotate is not None and not 0 <= self.rotate <= 180:
             raise ValueError(f"rotate must be None (scaled to the input size) or in [0, 180] degrees, "
                              f"got {self.rotate!r}")
+        if not (isinstance(self.settle, (int, float)) and 0 <= self.settle < 1):
+            raise ValueError(f"settle must be in [0, 1) (the share of the last steps that optimize the images "
+                             f"unwarped, e.g. 0.25; 0 warps every step), got {self.settle!r}")
         if self.pad_mode not in _PAD_MODES:
             raise ValueError(f"pad_mode must be one of {_PAD_MODES}, got {self.pad_mode!r}")
         check_diversity(self.diversity, self.diversity_weight)
@@ -412,9 +421,11 @@ def optimize_channels(
     # the input's layout. Only our input tensor changes layout; the model's parameters are not touched.
     layout = torch.channels_last if device.type == "cpu" and len(per_image) > 1 else torch.contiguous_format
     diverse = group > 1 and config.diversity_weight > 0
+    warped = config.steps - round(config.settle * config.steps)  # the steps after these see the images unwarped
     for t in range(1, config.steps + 1):
         images = param.images()
-        x = _normalize(_augment(images, transforms, config.pad_mode, generator), mean, std).to(dtype)
+        seen = _augment(images, transforms, config.pad_mode, generator) if t <= warped else images
+        x = _normalize(seen, mean, std).to(dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=layout)
         with capture(hooked, for_grad=True, stop_after=None if shortcut else stop_after, stop_before=(
@@ -454,6 +465,7 @@ def activation_maximization(
     seed: int = 0,
     diversity: int = 1,
     diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT,
+    settle: float = 0.25,
 ) -> torch.Tensor:
     """Synthesize one image per channel of ``layer`` that excites that channel, all optimized as one batch.
 
@@ -465,8 +477,9 @@ def activation_maximization(
         image_channels: channels of the model's input (3 for RGB, 1 for grayscale).
         mean, std: the model's input normalization; images are optimized in ``[0, 1]`` and normalized before
             the forward pass.
-        steps, lr, jitter, fourier, seed: optimization settings (see :class:`ActMaxConfig`; ``jitter=None``
-            scales the shift, padding, scaling and rotation to the input size).
+        steps, lr, jitter, fourier, seed, settle: optimization settings (see :class:`ActMaxConfig`;
+            ``jitter=None`` scales the shift, padding, scaling and rotation to the input size; the last ``settle``
+            share of the steps optimizes the images unwarped).
         diversity, diversity_weight: ``diversity`` images per channel, pushed apart by their Gram matrices with
             that weight (see :class:`ActMaxConfig`); 1 is off.
 
@@ -481,7 +494,7 @@ def activation_maximization(
         raise ValueError("channels must name at least one channel")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     config = ActMaxConfig(steps=steps, lr=lr, jitter=jitter, fourier=fourier, seed=seed, diversity=diversity,
-                          diversity_weight=diversity_weight)
+                          diversity_weight=diversity_weight, settle=settle)
     with preserved(net):
         probe_out = _layer_channels(net, name, module, image_channels, (h, w), mean, std)
         bad = [c for c in channels if not 0 <= c < probe_out]
