@@ -27,11 +27,25 @@ def fresh_run_dir(log_dir: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}-{n}")
 
 
+class _AboveTheBar(logging.StreamHandler):
+    """Writes each message on a line of its own above any tqdm bar (``tqdm.write``), on a terminal and in a log
+    file alike: a plain stream handler would append it to the bar's unfinished line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def show_progress_logs(level: int = logging.INFO) -> None:
-    """Print cnnvis_tb's progress messages (long logging work, at INFO) on stderr, as the examples do."""
+    """Print cnnvis_tb's progress messages (long logging work, at INFO) on stderr, as the examples do, each on its
+    own line above the progress bar."""
     logger = logging.getLogger("cnnvis_tb")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _AboveTheBar()
         handler.setFormatter(logging.Formatter("cnnvis_tb: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=None,
                    help="log every kind every N steps (default: VisLogger's per-kind schedule, scaled to --steps)")
     p.add_argument("--kinds", nargs="+", default=None,
-                   help="visual kinds to log (default: kernels features gradcam actmax histograms)")
+                   help="visual kinds to log (default: VisLogger's, kernels features gradcam actmax histograms health)")
     p.add_argument("--actmax-steps", type=int, default=DEFAULT_STEPS, help="gradient-ascent steps per actmax log")
     p.add_argument("--saliency-methods", nargs="+", choices=SALIENCY_METHODS, default=["vanilla"], metavar="METHOD",
                    help=f"saliency maps shown side by side when the saliency kind is logged, among "

@@ -240,3 +240,26 @@ def test_the_training_bar_reports_the_kinds_of_each_logging_step(tmp_path, capsy
         bar.close()
     err = capsys.readouterr().err
     assert "4/4" in err and "loss=0.250" in err
+
+
+def test_progress_messages_get_a_line_of_their_own_above_the_bar(capsys):
+    """In a log file (no terminal) too: a plain stream handler would append the message to the bar's line."""
+    import logging
+
+    from cnnvis_tb.progress import TrainingBar, show_progress_logs
+
+    logger = logging.getLogger("cnnvis_tb")
+    saved, level = logger.handlers[:], logger.level
+    logger.handlers.clear()
+    try:
+        show_progress_logs()
+        bar = TrainingBar(3, mininterval=0)
+        bar.step(0, 1.0)
+        logger.info("step 0: activation maximization of 16 channels")
+        bar.step(1, 0.5)
+        bar.close()
+    finally:
+        logger.handlers[:] = saved
+        logger.setLevel(level)
+    lines = [line for line in capsys.readouterr().err.split("\n") if "activation maximization" in line]
+    assert len(lines) == 1 and lines[0].split("\r")[-1] == "cnnvis_tb: step 0: activation maximization of 16 channels"
