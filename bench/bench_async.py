@@ -1,10 +1,11 @@
 """Asynchronous logging: what a logging step blocks the training thread for, and a whole run, async on and off.
 
 (a) Training-thread blocking time of one logging step with features + Grad-CAM (default CAM methods, Grad-CAM and
-    Grad-CAM++, default metrics, and with ``cam_metrics="cheap"``), ``vis.step(s)`` with ``async_logging`` off and
-    on, as a multiple of the shared probe pass alone (the one forward and ``autograd.grad`` those kinds need), on
-    the demo CNN (8-image 32 px probe) and ResNet-18 (8 × 224²). Interleaved round by round; with async on the
-    worker's time is waited for outside the timed call (and reported apart).
+    Grad-CAM++, default metrics with deletion / insertion at every step, and with ``cam_metrics="cheap"``),
+    ``vis.step(s)`` with ``async_logging`` off and on, as a multiple of the shared probe pass alone (the one forward
+    and ``autograd.grad`` those kinds need), on the demo CNN (8-image 32 px probe) and ResNet-18 (8 × 224²).
+    Interleaved round by round; with async on the worker's time is waited for outside the timed call (and reported
+    apart).
 (b) Whole-run overhead at the default schedule on the demo training (as ``bench_step.py`` (b)): runs without the
     logger, with it synchronous and with it asynchronous advance in turns of 25 steps, order rotating; a run waits
     for its worker at the end of its turn (``bench_step.interleave``), so the worker's work is paid by its run.
@@ -48,6 +49,10 @@ def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[
         "sync": VisLogger(model, dirs[0].name, async_logging=False, **common),
         "async": VisLogger(model, dirs[1].name, async_logging=True, **common),
     }
+    for vis in loggers.values():  # every timed step a full one: deletion / insertion too (at 224 px they would
+        for kind in vis._kinds:   # run at every 4th Grad-CAM step by default)
+            if kind.name == "gradcam":
+                kind.deletion_every = 1
     ref = loggers["sync, cheap metrics"]
     needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in ref._kinds), Needs())
 
