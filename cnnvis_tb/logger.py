@@ -405,6 +405,9 @@ class VisLogger:
 
         A failing kind warns once (or raises with ``strict=True``) and the others still log; the events of
         this step are flushed to disk before returning (with ``async_logging`` too: it waits for the worker).
+        A kind's own cadence inside its schedule still holds: at a ``global_step`` its schedule would log anyway,
+        Grad-CAM's deletion / insertion run only where ``GradCam(deletion_every=...)`` says (every 4th logging
+        step above 64 × 64 px); off the schedule they always run.
         """
         return self._log_now(global_step, kinds, wait=True)
 

@@ -36,6 +36,7 @@ class _AboveTheBar(logging.StreamHandler):
 
         try:
             tqdm.write(self.format(record), file=self.stream)
+            self.flush()
         except Exception:
             self.handleError(record)
 

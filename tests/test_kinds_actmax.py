@@ -13,7 +13,7 @@ from torch import nn
 
 from cnnvis_tb import VisLogger, activation_maximization, feature_maps, tags
 from cnnvis_tb.demo import MEAN, STD, ShapesDataset
-from cnnvis_tb.kinds.actmax import ActMax, ActMaxConfig, Transforms, _augment, transform_sizes
+from cnnvis_tb.kinds.actmax import ActMax, ActMaxConfig, Transforms, _augment, transform_sizes, unwarped_steps
 
 
 class ColourDetectors(nn.Module):
@@ -321,10 +321,18 @@ def test_the_unwarped_last_steps_make_the_middle_layers_images_beat_the_probe(tr
 
 
 def test_settle_must_be_a_share_of_the_steps():
-    for bad in (-0.1, 1.0, 2, "0.25", None):
+    for bad in (-0.1, 1.0, 2, "0.25", None, True, False):
         with pytest.raises(ValueError, match=r"settle must be in \[0, 1\)"):
             ActMaxConfig(settle=bad)
     assert ActMaxConfig(settle=0).settle == 0
+    assert ActMaxConfig(settle=np.float32(0.5)).settle == 0.5
+
+
+@pytest.mark.parametrize(("steps", "settle", "unwarped"), [
+    (24, 0.25, 6), (10, 0.25, 3), (6, 0.25, 2), (2, 0.25, 1), (1, 0.25, 0), (24, 0.99, 23), (3, 0.9, 2),
+    (1, 0.6, 0), (24, 0.0, 0), (24, 0.01, 0), (24, 0.03, 1)])
+def test_settle_rounds_half_up_and_always_leaves_a_warped_first_step(steps, settle, unwarped):
+    assert unwarped_steps(steps, settle) == unwarped
 
 
 def test_diversity_keeps_batching_exact_and_d_1_unchanged():

@@ -258,9 +258,9 @@ CAM_METRICS = ("default", "all", "cheap")
 SMALL_INPUT_PIXELS = 64 * 64
 #: The default ``deletion_every`` for larger inputs. Their perturbed images (``2·steps`` per probe image) are forwards
 #: of the whole model, whose cost grows with the pixels faster than the logging step's other work: on ResNet-18 at
-#: 224 px they are 5.7 training steps (batch 8) against about 3 for the rest of a default logging step at a Grad-CAM
-#: step, so at every 4th such step they are about a third of the logging work, averaged over the run
-#: (``bench/bench_metrics.py``); at 32 px they are a fifth of every step.
+#: 224 px on a CPU they are about three quarters of a default logging step at a Grad-CAM step where they run, and at
+#: every 4th such step about 40 % of that logging work over the run; at 32 px, where they run at every step, they are
+#: an eighth to a sixth of it (``bench/bench_metrics.py`` measures both; the README's metrics section has the figures).
 LARGE_INPUT_DELETION_EVERY = 4
 #: Seconds of deletion / insertion at one logging step above which the kind warns (once) about their cost.
 SLOW_DELETION_SECONDS = 5.0
