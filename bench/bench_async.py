@@ -31,10 +31,8 @@ from benchutil import Row, check, finish, info, parse_args, shapes_probe
 
 from cnnvis_tb import VisLogger
 from cnnvis_tb.demo import MEAN, STD, ShapesDataset, SmallCNN
-from cnnvis_tb.kinds import Needs
+from cnnvis_tb.kinds import GradCam, Needs
 from cnnvis_tb.safety import preserved
-
-KINDS = ["features", "gradcam"]
 
 
 def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[Row]:
@@ -42,17 +40,17 @@ def blocking(name: str, model: torch.nn.Module, size: int, rounds: int) -> list[
     worker, on a frozen copy) and with ``cam_metrics="cheap"``."""
     images, labels = shapes_probe(8, size)
     dirs = [tempfile.TemporaryDirectory(prefix="bench_async_") for _ in range(4)]
-    common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, kinds=KINDS, every=1, strict=True)
+    common = dict(probe=images, probe_labels=labels, mean=MEAN, std=STD, every=1, strict=True)
+
+    def kinds(metrics: bool | str) -> list:  # every timed step a full one: deletion / insertion too (at 224 px
+        return ["features", GradCam(metrics=metrics, deletion_every=1)]  # they run at every 4th step by default)
+
     loggers = {
-        "sync, cheap metrics": VisLogger(model, dirs[2].name, cam_metrics="cheap", async_logging=False, **common),
-        "async, cheap metrics": VisLogger(model, dirs[3].name, cam_metrics="cheap", async_logging=True, **common),
-        "sync": VisLogger(model, dirs[0].name, async_logging=False, **common),
-        "async": VisLogger(model, dirs[1].name, async_logging=True, **common),
+        "sync, cheap metrics": VisLogger(model, dirs[2].name, kinds=kinds("cheap"), async_logging=False, **common),
+        "async, cheap metrics": VisLogger(model, dirs[3].name, kinds=kinds("cheap"), async_logging=True, **common),
+        "sync": VisLogger(model, dirs[0].name, kinds=kinds(True), async_logging=False, **common),
+        "async": VisLogger(model, dirs[1].name, kinds=kinds(True), async_logging=True, **common),
     }
-    for vis in loggers.values():  # every timed step a full one: deletion / insertion too (at 224 px they would
-        for kind in vis._kinds:   # run at every 4th Grad-CAM step by default)
-            if kind.name == "gradcam":
-                kind.deletion_every = 1
     ref = loggers["sync, cheap metrics"]
     needs = functools.reduce(lambda a, b: a | b, (k.needs() for k in ref._kinds), Needs())
 
