@@ -455,9 +455,7 @@ def unwarped_steps(steps: int, settle: float) -> int:
     """How many of the last of ``steps`` optimization steps see the images unwarped: ``settle · steps`` rounded
     half up, at most ``steps - 1`` (the first step is always warped, so ``settle < 1`` never turns the transforms
     off), 0 for ``settle=0``."""
-    if settle <= 0:
-        return 0
-    return max(0, min(steps - 1, math.floor(settle * steps + 0.5)))
+    return min(steps - 1, math.floor(settle * steps + 0.5))
 
 
 def activation_maximization(
