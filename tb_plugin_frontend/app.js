@@ -59,6 +59,7 @@ export class App {
     this.stepsByRun = new Map();
     this.columns = [];
     this.stepsRequest = 0;
+    this.stepsTag = null; // the tag whose steps the grid shows (`columns`)
     this.layerTables = new Map();
     this.imageRatio = 1;
     this.pictureRatio = 1; // of the whole pictures of the current tag
@@ -335,6 +336,7 @@ export class App {
     const panels = await this.loadPanels(tag, answer.runs.map(({run}) => run));
     if (request !== this.stepsRequest) return;
     this.stepsJson = json;
+    this.stepsTag = tag;
     this.stepsByRun = new Map(answer.runs.map(({run, steps}) => [run, steps]));
     this.pictureRatio = answer.width && answer.height ? answer.width / answer.height : 1;
     this.setPanelRecords(panels);
@@ -480,11 +482,20 @@ export class App {
     if (save) saveState(this.state);
   }
 
-  /** Jumps to the logged step nearest to a typed one. */
+  /**
+   * Jumps to the logged step nearest to a typed one. While the steps of a new selection are still loading,
+   * the grid's columns are another image's: the typed step is kept as the wanted one and `renderViews`
+   * resolves it against the new steps once they arrive.
+   */
   pickStep(text) {
     const step = Number(text);
     if (text === "" || !Number.isFinite(step)) {
       this.controls.resetStepInput(this.columns[this.stepIndex]);
+      return;
+    }
+    if (this.stepsTag !== this.current.view.tag) {
+      this.state.step = step;
+      saveState(this.state);
       return;
     }
     this.setStepIndex(nearestIndex(this.columns, step));

@@ -56,11 +56,27 @@ export class Controls {
       attrs: {"aria-label": "Step"},
       on: {input: () => on.step(Number(this.stepSlider.value))},
     });
+    // A step being typed is not overwritten by a redraw (new data arriving) before it is committed.
+    this.typingStep = false;
+    this.shownStep = "";
     this.stepInput = el("input", {
       className: "cv-step-input",
       props: {type: "number", min: 0, step: 1},
       attrs: {"aria-label": "Exact step"},
-      on: {change: () => on.pickStep(this.stepInput.value)},
+      on: {
+        input: () => {
+          this.typingStep = true;
+        },
+        change: () => {
+          this.typingStep = false;
+          on.pickStep(this.stepInput.value);
+        },
+        blur: () => {
+          if (!this.typingStep) return;
+          this.typingStep = false; // left without a change (the value typed was the one shown)
+          this.stepInput.value = this.shownStep;
+        },
+      },
     });
     this.prevButton = iconButton("‹", "Previous logged step", () => on.stepBy(-1));
     this.nextButton = iconButton("›", "Next logged step", () => on.stepBy(1));
@@ -147,7 +163,8 @@ export class Controls {
   showStep(index, columns) {
     const count = columns.length;
     this.stepSlider.value = String(index);
-    this.stepInput.value = String(columns[index]);
+    this.shownStep = String(columns[index]);
+    if (!this.typingStep) this.stepInput.value = this.shownStep;
     this.stepInfo.textContent = `${index + 1} of ${count} logged steps`;
     this.prevButton.disabled = index === 0;
     this.nextButton.disabled = index === count - 1;

@@ -303,6 +303,90 @@ def test_selection_is_kept_in_the_url_and_restored_on_reload(open_tab, demo_runs
     assert frame.locator(".cv-step-head.cv-current").text_content() == "3"
 
 
+
+def hold_steps_after_the_first(tab: Tab, trim_first: bool) -> tuple[list, list]:
+    """Routes the tab's ``/steps`` requests: the first is served (with step 0 only if ``trim_first``), later ones
+    are held in the first list returned until ``True`` is appended to the second; then all pass."""
+    first, held, released = [], [], []
+
+    def steps(route):
+        if released:
+            route.continue_()
+        elif not first:
+            answer = route.fetch().json()
+            for run in answer["runs"]:
+                run["steps"] = run["steps"][:1] if trim_first else run["steps"]
+            first.append(answer)
+            route.fulfill(json=answer)
+        else:
+            held.append(route)
+
+    tab.page.route("**/data/plugin/cnnvis/steps*", steps)
+    return held, released
+
+
+def wait_until_held(tab: Tab, held: list) -> None:
+    for _ in range(200):
+        if held:
+            return
+        tab.page.wait_for_timeout(25)
+    raise AssertionError("the next image's steps were never asked for")
+
+
+def release(held: list, released: list) -> None:
+    released.append(True)
+    for route in held:
+        route.continue_()
+
+
+def test_a_step_typed_while_the_next_images_steps_load_is_the_one_shown(open_tab):
+    """Until a new selection's steps arrive the grid shows the old image's columns; a step typed then is resolved
+    against the new steps (it was resolved against the old ones, and lost where they did not hold it)."""
+    tab = open_tab(wait=False)
+    held, released = hold_steps_after_the_first(tab, trim_first=True)  # so a typed 3 has no column there
+    tab.page.reload()
+    tab.attach()
+    frame = tab.frame
+    assert frame.locator(".cv-step-head").all_text_contents() == ["0"]
+    frame.click("button[data-kind='features']")
+    wait_until_held(tab, held)
+    frame.locator("input[aria-label='Exact step']").fill("3")
+    frame.locator("input[aria-label='Exact step']").press("Enter")
+    release(held, released)
+    tab.wait_for_url_part("p.cnnvis.step=3")
+    frame.wait_for_function("() => document.querySelector('.cv-step-head.cv-current')?.textContent === '3'")
+    assert frame.locator("input[aria-label='Exact step']").input_value() == "3"
+    tab.page.unroute("**/data/plugin/cnnvis/steps*")
+
+
+def test_a_step_being_typed_when_new_steps_arrive_is_kept(open_tab):
+    """New data redraws the step controls; a step typed but not yet entered stays in the box and is the one
+    entered (the redraw put the latest step back in the box, and the Enter that followed picked nothing)."""
+    tab = open_tab(wait=False)
+    held, released = hold_steps_after_the_first(tab, trim_first=False)
+    tab.page.reload()
+    tab.attach()
+    frame = tab.frame
+    frame.click("button[data-kind='features']")
+    wait_until_held(tab, held)
+    box = frame.locator("input[aria-label='Exact step']")
+    assert box.input_value() != "3"
+    box.fill("3")
+    release(held, released)
+    frame.wait_for_function("() => !document.querySelector('.cv-busy')")
+    assert frame.locator(".cv-step-head.cv-current").text_content() != "3"
+    assert box.input_value() == "3"
+    box.press("Enter")
+    tab.wait_for_url_part("p.cnnvis.step=3")
+    frame.wait_for_function("() => document.querySelector('.cv-step-head.cv-current')?.textContent === '3'")
+    # Typing the step shown and leaving the box (no change to enter) lets later redraws show the step again.
+    box.fill("3")
+    frame.click("button[aria-label='Next logged step']")
+    frame.wait_for_function("() => document.querySelector('.cv-step-head.cv-current')?.textContent === '6'")
+    assert box.input_value() == "6"
+    tab.page.unroute("**/data/plugin/cnnvis/steps*")
+
+
 def test_loading_empty_and_error_states(open_tab):
     held = []
     tab = open_tab(wait=False)
