@@ -458,7 +458,12 @@ class VisLogger:
                         except Exception as e:
                             self._write_failed(e)
                 if later and not self._stopped:  # also when a kind raised under strict: the others still log
-                    self._worker.submit(functools.partial(self._log_later, _detached(ctx[0]), later))
+                    job = functools.partial(self._log_later, _detached(ctx[0]), later)
+                    # The step's own context (the probe pass's tensors and autograd graph) is freed before the
+                    # worker wakes: freeing it can let go of the GIL, and a busy worker then keeps it for the
+                    # interpreter's switch interval (5 ms) while this thread waits to return to training.
+                    ctx.clear()
+                    self._worker.submit(job)
             if wait and self._worker is not None:
                 self._worker.wait()
                 if self._async_error is not None:

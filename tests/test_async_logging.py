@@ -22,7 +22,7 @@ from _models import TinyCNN, decode_png, make_batch, read_events, texts, tiny_lo
 from torch import nn
 
 from cnnvis_tb import VisLogger
-from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DeepDream, Kind
+from cnnvis_tb.kinds import ALL_KINDS, BUILTIN, DeepDream, Kind, Needs
 from cnnvis_tb.kinds.saliency import SALIENCY_METHODS
 
 TESTS = Path(__file__).resolve().parent
@@ -217,6 +217,38 @@ def test_max_pending_two_lets_two_steps_be_in_flight(tmp_path):
         time.sleep(0.05)
     vis.close()
     assert slow.logged == [0, 1]
+
+
+def test_the_steps_probe_pass_is_freed_before_the_worker_is_handed_the_step(tmp_path):
+    """Freeing the probe pass (its tensors and autograd graph) can let go of the GIL; once the worker is awake it
+    then keeps the GIL for the switch interval (5 ms) while the training thread waits, which doubled the blocking
+    time of a demo logging step in about half the steps. So it is freed first."""
+    import weakref
+
+    class Watch(SlowKind):
+        name = "watch"
+
+        def needs(self):
+            return Needs(graph_activations=("stem.0",))
+
+        def compute(self, ctx):
+            passes.append(weakref.ref(ctx.shared))
+            return super().compute(ctx)
+
+    passes: list[weakref.ref] = []
+    alive_at_submit: list[bool] = []
+    vis = tiny_logger(tmp_path, kinds=[Watch(), "features"], async_logging=True)
+    submit = vis._worker.submit
+
+    def watched(job):
+        alive_at_submit.append(passes[-1]() is not None)
+        submit(job)
+
+    vis._worker.submit = watched
+    for step in range(3):
+        vis.step(step)
+    vis.close()
+    assert alive_at_submit == [False, False, False]
 
 
 def test_log_now_waits_for_its_own_step(tmp_path):
