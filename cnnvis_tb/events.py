@@ -136,7 +136,15 @@ class PictureWriter:
             self.writer.add_image(tag, image, step)
             return
         image = image.detach().cpu()
-        self._pending.append((tag, tuple(image.shape), step, _encoder().submit(encode_png, image)))
+        try:
+            future = _encoder().submit(encode_png, image)
+        except RuntimeError:  # the helpers were shut down: interpreter exit, with training still on another thread
+            future = Future()
+            try:
+                future.set_result(encode_png(image))
+            except Exception as e:  # raised at flush, as a helper's failure would be
+                future.set_exception(e)
+        self._pending.append((tag, tuple(image.shape), step, future))
 
     def flush(self) -> None:
         """Write every picture added so far, in order; the first error of a picture that could not be encoded

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import itertools
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -117,7 +118,10 @@ class FrozenCopies:
 
     def __init__(self) -> None:
         self._free: list[tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = []
-        self._state: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        #: The copies taken and not given back, with their state (weakly: one never given back, after a failure, is
+        #: freed with its last use instead of living on here).
+        self._state: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, torch.Tensor]]] = (
+            weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
 
     def take(self, net: nn.Module) -> nn.Module:
@@ -133,17 +137,17 @@ class FrozenCopies:
                 with torch.no_grad():
                     torch._foreach_copy_([s for _, s in state], [t.detach() for _, t in live])
                 with self._lock:
-                    self._state[id(snapshot)] = state
+                    self._state[snapshot] = state
                 return snapshot
         snapshot = frozen_copy(net)
         with self._lock:
-            self._state[id(snapshot)] = _state(snapshot)
+            self._state[snapshot] = _state(snapshot)
         return snapshot
 
     def give_back(self, snapshot: nn.Module) -> None:
         """``snapshot`` (from :meth:`take`) is no longer used: the next :meth:`take` may refresh it."""
         with self._lock:
-            state = self._state.pop(id(snapshot), None)
+            state = self._state.pop(snapshot, None)
             if state is not None:
                 self._free.append((snapshot, state))
 

@@ -434,6 +434,30 @@ def test_interpreter_exit_waits_for_the_queue(tmp_path):
     assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1]
 
 
+@pytest.mark.parametrize("async_logging", [False, True])
+def test_training_on_a_thread_that_outlives_the_main_thread_still_writes_pictures(tmp_path, async_logging):
+    """Python stops the ``concurrent.futures`` pools (our PNG encoders) before it joins non-daemon threads: a run
+    whose training thread goes on after the main thread ended lost every picture from then on."""
+    code = textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from _models import tiny_logger
+        vis = tiny_logger({str(tmp_path)!r}, kinds=["kernels", "features"], every=1,
+                          async_logging={async_logging})
+        def train():
+            for step in range(4):
+                time.sleep(0.3)
+                vis.step(step)
+            vis.close()
+        threading.Thread(target=train).start()  # not a daemon; the main thread ends here
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Images("cnnvis/kernels/stem.0/grid")] == [0, 1, 2, 3]
+
+
 def test_frozen_copies_are_refreshed_in_place_and_remade_when_the_model_changes():
     """The copy the CAM metrics run on the worker: refreshed from the model's parameters and buffers when handed
     back (no new deep copy), frozen, sharing no memory with the model; a new deep copy once the model's parameters
@@ -458,3 +482,24 @@ def test_frozen_copies_are_refreshed_in_place_and_remade_when_the_model_changes(
     copies.give_back(again)
     model.head = torch.nn.Linear(16, 7)  # another shape
     assert copies.take(model) is not first
+
+
+def test_a_failing_gradcam_step_gives_its_frozen_copy_back(tmp_path):
+    """A Grad-CAM step that failed after taking the frozen copy for its metrics kept that copy for ever (one more
+    copy of the model every logging step, and a new deep copy at each)."""
+    model = TinyCNN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vis = tiny_logger(tmp_path, model, kinds=["gradcam"], every=1, async_logging=True, strict=False,
+                          layers={"gradcam": ["body.4"]})
+        copies = vis.kind("gradcam")._copies
+        vis.step(0)
+        vis.wait()
+        assert len(copies._free) == 1 and not copies._state
+        del model.body._modules["4"]  # the CAM layer is gone: compute fails after taking the copy
+        for step in range(1, 6):
+            vis.step(step)
+        vis.wait()
+        gc.collect()
+        assert len(copies._free) == 1 and not copies._state  # the one copy, free again each time
+        vis.close()

@@ -408,14 +408,19 @@ class GradCam(Kind):
                 ctx.warn_once("gradcam-copy", f"the model could not be copied ({type(e).__name__}: {e}), so the "
                               "CAM metrics that run it run on the training thread; "
                               "GradCam(background_metrics=False) does so without trying")
-        if ctx.info.in_background and self._deferrable() and (computed.snapshot is not None or not model_metrics):
-            for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step, ...
-                self._activations(ctx, layer)
-                for key in ctx.shared.targets:  # ... as does one the class scores do not depend on
-                    self._gradients(ctx, key, layer)
-            computed.deferred = True
-            return computed
-        computed.raw, computed.full = self._maps(ctx)
+        try:
+            if ctx.info.in_background and self._deferrable() and (computed.snapshot is not None or not model_metrics):
+                for layer, _ in self.each_layer(ctx.net):  # a layer that did not run fails at its own step, ...
+                    self._activations(ctx, layer)
+                    for key in ctx.shared.targets:  # ... as does one the class scores do not depend on
+                        self._gradients(ctx, key, layer)
+                computed.deferred = True
+                return computed
+            computed.raw, computed.full = self._maps(ctx)
+        except BaseException:
+            if computed.snapshot is not None:  # this step's log will not run: the copy is free again
+                self._copies.give_back(computed.snapshot)
+            raise
         if model_metrics and computed.snapshot is None:
             self._model_metrics(ctx, ctx.net, computed)
         return computed
@@ -574,21 +579,25 @@ class GradCam(Kind):
         return inputs
 
     def log(self, ctx: StepContext, out: Output, computed: CamStep) -> None:
+        net, computed.snapshot = computed.snapshot, None
+        try:
+            if computed.deferred:  # on the worker: the gradient methods' maps from the pass's detached tensors
+                computed.raw, computed.full = self._maps(ctx)
+                computed.deferred = False
+            if net is not None:  # on the worker: the metrics that need the model, on its frozen copy
+                self._model_metrics(ctx, net, computed)
+        finally:
+            if net is not None:
+                self._copies.give_back(net)  # refreshed in place at the next logging step
+        self._draw(ctx, out, computed)
+
+    def _draw(self, ctx: StepContext, out: Output, computed: CamStep) -> None:
         shared, shown, label_of = ctx.shared, ctx.shown, ctx.info.class_label
         size = tuple(shown.shape[-2:])
         probs = shared.probabilities
         targets = {k: v.cpu() for k, v in shared.targets.items()}
         order = [k for k in ("true", "pred") if k in targets]
         inputs = fit(as_rgb(shown), PANEL, PANEL)
-        if computed.deferred:  # on the worker: the gradient methods' maps from the pass's detached tensors
-            computed.raw, computed.full = self._maps(ctx)
-            computed.deferred = False
-        if computed.snapshot is not None:  # on the worker: the metrics that need the model, on its frozen copy
-            net, computed.snapshot = computed.snapshot, None
-            try:
-                self._model_metrics(ctx, net, computed)
-            finally:
-                self._copies.give_back(net)  # refreshed in place at the next logging step
         for layer in dict.fromkeys(layer for layer, _, _ in computed.raw):
             columns = []  # (overlays [N, 3, panel, panel], method, method label, target key), all images at once
             for spec in self._specs:
