@@ -41,7 +41,7 @@ from cnnvis_tb.layers import (
 from cnnvis_tb.options import check_options
 from cnnvis_tb.probe import check_channels
 from cnnvis_tb.probe_pass import ProbePass, run_probe_pass
-from cnnvis_tb.safety import model_device, model_dtype, preserved, single_threaded
+from cnnvis_tb.safety import model_device, model_dtype, preserved, rng_states, same_rng, single_threaded
 from cnnvis_tb.schedule import due_kinds
 
 __all__ = ["VisLogger"]
@@ -278,6 +278,7 @@ class VisLogger:
             net=self._net, traces=self._traces, probe=self.probe, num_classes=num_classes, mean=self.mean,
             std=self.std, class_names=class_names, output_selector=self.output_selector, seed=self.seed,
             strict=self.strict, warn_once=self._warn_once, guard=self._guarded, open_output=self._open_output,
+            draws_random=self._draws_random,
         )
         _assign_layers(options.kinds, layers, self._info)
         for kind in options.kinds:
@@ -333,8 +334,10 @@ class VisLogger:
     def _dry_run(self) -> tuple[list[LayerTrace], int]:
         with preserved(self._net), torch.no_grad():
             x = self._probe_tensor()
+            before = rng_states(self._net)
             try:
                 traces, output = trace_layers(self._net, x)
+                self._draws_random = not same_rng(before, rng_states(self._net))
             except Exception as e:  # the model's own error, rephrased with what we gave it
                 raise ValueError(
                     f"the model could not run on the probe of shape {list(x.shape)}: {type(e).__name__}: {e}. "
@@ -676,7 +679,11 @@ class VisLogger:
         return wrote
 
     def _probe_pass(self, needs: Needs) -> ProbePass:
+        info = self._info
+        before = rng_states(self._net) if info is not None and not info.draws_random else None
         record = run_probe_pass(self._net, self._probe_tensor(), needs, self.probe.labels, self.output_selector)
+        if before is not None and not same_rng(before, rng_states(self._net)):
+            info.draws_random = True  # (restored by preserved(), as always; from now on no copy elsewhere)
         if not torch.isfinite(record.scores.detach()).all():
             self._warn_once("nonfinite-scores", "the model's outputs on the probe hold NaN or inf values")
         return record

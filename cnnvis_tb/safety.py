@@ -93,6 +93,48 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _own_state_hook(hook: object) -> bool:
+    """A hook that only recomputes its module's own parameters (weight / spectral normalization): on a copy it
+    touches the copy alone."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm))
+
+
+def foreign_hooks(net: nn.Module) -> str | None:
+    """Where ``net`` has hooks of its user's (forward, pre-forward, backward; on a module or global), described in
+    a few words, or None. A copy of the model carries them along, and on another thread they would fire at moments
+    the training loop cannot foresee, writing into the user's objects; work that runs the model must then stay on
+    the training thread, inside ``vis.step()``."""
+    from torch.nn.modules import module as module_globals
+
+    for attr in _HOOK_DICTS:
+        if any(not _own_state_hook(h) for h in getattr(module_globals, "_global" + attr, {}).values()):
+            return f"global module hooks ({attr.strip('_').replace('_', ' ')})"
+    for name, module in net.named_modules():
+        for attr in _HOOK_DICTS:
+            if any(not _own_state_hook(h) for h in getattr(module, attr, {}).values()):
+                return f"{attr.strip('_').replace('_', ' ')} on {name or 'the model itself'!r}"
+    return None
+
+
+def rng_states(net: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The global RNG states ``net``'s forward may draw from: the CPU generator's and its CUDA device's."""
+    device = model_device(net)
+    states = (torch.get_rng_state(),)
+    if device.type == "cuda":
+        states += (torch.cuda.get_rng_state(device),)
+    return states
+
+
+def same_rng(before: tuple[torch.Tensor, ...], after: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def frozen_copy(net: nn.Module) -> nn.Module:
     """A frozen copy of the model for work on another thread (eval mode, no gradients, no ``.grad``): what it runs
     reads nothing the training loop changes afterwards. It costs one more copy of the parameters and buffers while

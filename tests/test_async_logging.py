@@ -503,3 +503,70 @@ def test_a_failing_gradcam_step_gives_its_frozen_copy_back(tmp_path):
         gc.collect()
         assert len(copies._free) == 1 and not copies._state  # the one copy, free again each time
         vis.close()
+
+
+class NoisyCNN(TinyCNN):
+    """Draws from the global RNG also in eval mode (a noise layer, as Monte-Carlo dropout would)."""
+
+    def forward(self, x):
+        return super().forward(x + 0.01 * torch.randn_like(x))
+
+
+def _background_kinds():
+    return ["gradcam", "features", DeepDream(octaves=1, steps=2, background=True), "actmax"]
+
+
+def test_a_model_with_hooks_of_its_own_runs_only_on_the_training_thread(tmp_path):
+    """A frozen copy carries the user's hooks along: on the worker they fired at moments the training loop cannot
+    foresee, writing the metrics' perturbed batches into the user's objects. Such a model's work stays on the
+    training thread (inside vis.step), as with async_logging=False."""
+    model = TinyCNN()
+    calls: list[str] = []
+    model.body[2].register_forward_hook(lambda m, i, o: calls.append(threading.current_thread().name))
+    vis = tiny_logger(tmp_path, model, kinds=_background_kinds(), every=1, async_logging=True,
+                      actmax_background=True, actmax_channels=2)
+    for step in range(2):
+        vis.step(step)
+        vis.wait()
+    vis.close()
+    assert calls and set(calls) == {"MainThread"}
+    assert vis._info.background_hazard(vis._net) == "has hooks of its own (forward hooks on 'body.2')"
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Images("cnnvis/actmax/body.3/channels")] == [1]  # (not at step 0)
+    assert any("deletion" in tag for tag in acc.Tags()["scalars"])  # the metrics still ran, on the training thread
+
+
+def test_a_model_drawing_random_numbers_in_eval_mode_never_runs_elsewhere(tmp_path):
+    """On another thread its forwards moved the global RNG training draws from (training was no longer
+    bit-identical); the probe pass shows it, and its work then stays on the training thread."""
+    torch.manual_seed(0)
+    vis = tiny_logger(tmp_path, NoisyCNN(), kinds=_background_kinds(), every=1, async_logging=True,
+                      actmax_background=True, actmax_channels=2)
+    for step in range(2):
+        state = torch.get_rng_state()
+        vis.step(step)
+        vis.wait()
+        assert torch.equal(state, torch.get_rng_state())
+    vis.close()
+    assert vis._info.draws_random
+
+
+def test_weight_norm_hooks_keep_the_work_in_the_background():
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    from cnnvis_tb.safety import foreign_hooks
+
+    model = TinyCNN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm is deprecated in favour of parametrizations
+        weight_norm(model.stem[0])
+    spectral_norm(model.head)
+    assert foreign_hooks(model) is None
+    handle = model.head.register_forward_pre_hook(lambda m, a: None)
+    assert foreign_hooks(model) == "forward pre hooks on 'head'"
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert foreign_hooks(model) == "global module hooks (forward hooks)"
+    finally:
+        handle.remove()

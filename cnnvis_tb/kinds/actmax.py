@@ -623,7 +623,7 @@ class ActMax(SnapshotKind):
     def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
         _log.info("step %d: activation maximization of %d channels, %d steps%s", ctx.step, len(self.targets),
                   self.steps, " (in the background)" if self.background else "")
-        if not self.background:
+        if not self.background or not self._worker.may_run(ctx):
             return self._images(ctx.net)
         self._worker.submit(ctx, self._images, self._write)
         return None
@@ -679,6 +679,17 @@ class BackgroundWork:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._pid = os.getpid()
+        self._said_hazard: str | None = None
+
+    def may_run(self, ctx: StepContext) -> bool:
+        """Whether the model may run on the worker (see :meth:`ModelInfo.background_hazard`); when not, the kind
+        does its work on the training thread, and says why once."""
+        hazard = ctx.info.background_hazard(ctx.net)
+        if hazard is not None and hazard != self._said_hazard:
+            self._said_hazard = hazard
+            _log.info("step %d: %s runs on the training thread, not in the background: the model %s", ctx.step,
+                      self.what, hazard)
+        return hazard is None
 
     def submit(self, ctx: StepContext, work: Callable[[nn.Module], object],
                write: Callable[[Output, object], None]) -> None:

@@ -52,6 +52,7 @@ from cnnvis_tb.events import PictureWriter
 from cnnvis_tb.layers import LayerTrace, conv_layers, default_cam_layer, find_layers, resolve_layer
 from cnnvis_tb.probe import Probe
 from cnnvis_tb.render import denormalize, to_uint8
+from cnnvis_tb.safety import foreign_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.probe_pass import ProbePass
@@ -137,6 +138,17 @@ class ModelInfo:
     #: Whether the ``log`` of a kind with ``log_in_background`` runs on the asynchronous-logging worker (after the
     #: training loop has gone on) rather than right after its ``compute``.
     in_background: bool = False
+    #: Whether a forward pass of the model in eval mode drew from the global RNG (seen on the probe: noise layers,
+    #: Monte-Carlo dropout). Such a model never runs on another thread: there it would move the RNG training uses.
+    draws_random: bool = False
+
+    def background_hazard(self, net: nn.Module) -> str | None:
+        """Why work that runs ``net`` (or a copy of it) must stay on the training thread, or None: it draws random
+        numbers in eval mode, or it has hooks of the user's (:func:`cnnvis_tb.safety.foreign_hooks`)."""
+        if self.draws_random:
+            return "draws random numbers in eval mode (from the global RNG, which training uses)"
+        hooks = foreign_hooks(net)
+        return None if hooks is None else f"has hooks of its own ({hooks})"
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...] | None]:

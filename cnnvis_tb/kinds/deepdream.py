@@ -415,7 +415,7 @@ class DeepDream(SnapshotKind):
             c.steps,
             " (in the background)" if self.background else "",
         )
-        if not self.background:
+        if not self.background or not self._worker.may_run(ctx):
             return self._dreams(ctx.net, ctx.inputs)
         inputs = ctx.inputs.detach().clone()
         self._worker.submit(ctx, lambda net: self._dreams(net, inputs), self._write)
