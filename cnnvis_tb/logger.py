@@ -505,12 +505,15 @@ class VisLogger:
         raise error
 
     def wait(self) -> None:
-        """Wait until the worker has written and flushed every logging step handed to it (asynchronous logging;
-        returns at once otherwise). Under ``strict`` a failure there raises here."""
+        """Wait until the worker has written and flushed every logging step handed to it (asynchronous logging),
+        and background activation maximization / DeepDream their pictures. Under ``strict`` a failure there raises
+        here."""
         if self._worker is not None:
             self._worker.wait()
         if self._async_error is not None:
             self._raise_async_error()
+        for kind in self._kinds:
+            kind.wait()
 
     def _log_sharded(self, step: int, chosen: list[Kind], wait: bool = True) -> bool:
         """One logging step of a sharded model, on every rank: the gather (a collective), rank 0's logging on its
@@ -548,14 +551,18 @@ class VisLogger:
         if self._closed:
             return
         self._closed = True
+        failure: Exception | None = None
         try:
             worker = getattr(self, "_worker", None)
             if worker is not None:
                 with contextlib.suppress(Exception):
                     worker.stop()  # after the logging steps handed to it are written
             for kind in self._kinds:
-                with contextlib.suppress(Exception):
+                try:
                     kind.close()
+                except Exception as e:  # under strict, background work of the kind's own that failed
+                    if self.strict and failure is None:
+                        failure = e
         finally:
             _open_loggers.discard(self)
             if self._writer is not None:
@@ -573,6 +580,8 @@ class VisLogger:
                                       RuntimeWarning, stacklevel=2)
         if getattr(self, "_async_error", None) is not None:  # strict: a failure on the worker since the last call
             self._raise_async_error()
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> VisLogger:
         return self
@@ -921,6 +930,9 @@ def _drain_open_loggers() -> None:
         if worker is not None:
             with contextlib.suppress(Exception):
                 worker.wait()
+        for kind in getattr(vis, "_kinds", ()):  # background activation maximization / DeepDream
+            with contextlib.suppress(Exception):
+                kind.wait()
 
 
 if hasattr(threading, "_register_atexit"):

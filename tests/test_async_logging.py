@@ -570,3 +570,42 @@ def test_weight_norm_hooks_keep_the_work_in_the_background():
         assert foreign_hooks(model) == "global module hooks (forward hooks)"
     finally:
         handle.remove()
+
+
+def test_strict_failure_of_background_actmax_raises_on_the_training_thread(tmp_path, monkeypatch):
+    """It was kept in the worker's future and never raised (nor warned) anywhere."""
+    import cnnvis_tb.kinds.actmax as actmax
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("optimization failed on the snapshot")
+
+    monkeypatch.setattr(actmax, "optimize_channels", fails)
+    vis = tiny_logger(tmp_path / "wait", kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+    vis.step(1)
+    with pytest.raises(RuntimeError, match="failed on the snapshot"):
+        vis.wait()
+    vis.close()
+    vis = tiny_logger(tmp_path / "next", kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+    vis.step(1)
+    vis.kind("actmax")._worker._pending[0].exception()  # the work failed on the worker
+    with pytest.raises(RuntimeError, match="failed on the snapshot"):
+        vis.step(2)
+    vis.close()
+    vis = tiny_logger(tmp_path / "close", kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+    vis.step(1)
+    with pytest.raises(RuntimeError, match="failed on the snapshot"):
+        vis.close()
+
+
+def test_interpreter_exit_waits_for_background_actmax(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from _models import tiny_logger
+        vis = tiny_logger({str(tmp_path)!r}, kinds=["actmax"], every=1, actmax_background=True,
+                          actmax_channels=2, actmax_steps=30)
+        vis.step(1)  # no close(): the script ends while the optimization runs
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/actmax/body.3/channels")] == [1]

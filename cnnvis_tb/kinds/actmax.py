@@ -536,6 +536,9 @@ class SnapshotKind(Kind):
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
             pass
 
+    def wait(self) -> None:
+        self._worker.wait()
+
     def close(self) -> None:
         self._worker.close()
 
@@ -680,6 +683,7 @@ class BackgroundWork:
         self._pending: list[Future] = []
         self._pid = os.getpid()
         self._said_hazard: str | None = None
+        self._failure: BaseException | None = None  # under strict: the worker's failure, raised at the next call
 
     def may_run(self, ctx: StepContext) -> bool:
         """Whether the model may run on the worker (see :meth:`ModelInfo.background_hazard`); when not, the kind
@@ -695,6 +699,7 @@ class BackgroundWork:
                write: Callable[[Output, object], None]) -> None:
         """Snapshot ``ctx.net`` now; on the worker, ``write(out, work(snapshot))`` into an output at ``ctx.step``."""
         self._forget_parents_worker()
+        self._raise_failure()
         self._pending = [f for f in self._pending if not f.done()]
         name = self.kind.name
         if self._pending:
@@ -706,18 +711,29 @@ class BackgroundWork:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cnnvis-{name}")
         self._pending.append(self._executor.submit(self._run, snapshot, ctx.step, work, write))
 
-    def close(self) -> None:
-        """Wait for the work still running, then stop the worker."""
+    def wait(self) -> None:
+        """Wait for the work still running (its pictures written); a failure there under ``strict`` raises here."""
         self._forget_parents_worker()
         for future in list(self._pending):
-            try:
-                future.result()
-            except Exception:  # reported by the worker itself (warned, or raised there under strict)
-                pass
+            future.exception()  # (the worker reports its own failures: warned, or kept under strict)
+        self._pending = [f for f in self._pending if not f.done()]
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Wait for the work still running, then stop the worker; a failure there under ``strict`` raises here."""
+        self._forget_parents_worker()
+        for future in list(self._pending):
+            future.exception()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._pending = []
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     def _run(self, snapshot: nn.Module, step: int, work, write) -> None:
         info = self.kind.info
@@ -727,8 +743,9 @@ class BackgroundWork:
             with info.open_output(self.kind, step) as out:
                 write(out, result)
         except Exception as e:
-            if info.strict:
-                raise
+            if info.strict:  # raised on the training thread at the kind's next logging step, wait() or close()
+                self._failure = self._failure or e
+                return
             info.warn_once(f"{self.kind.name}-bg-{type(e).__name__}", f"background {self.what} failed at step "
                            f"{step}: {type(e).__name__}: {e}")
 
