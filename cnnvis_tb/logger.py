@@ -290,6 +290,7 @@ class VisLogger:
         self.kinds = tuple(k.name for k in self._kinds)
         self.every = {k.name: k.every for k in self._kinds}
         self._owns_writer = writer is None
+        self._forked_writer = False  # the user's writer, inherited from the parent by a forked process
         self._active = is_logging_rank()
         self._writer = writer
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
@@ -436,6 +437,11 @@ class VisLogger:
         return self._log_and_flush(global_step, chosen, wait)
 
     def _log_and_flush(self, global_step: int, chosen: list[Kind], wait: bool = True) -> bool:
+        if self._forked_writer:
+            self._warn_once("forked-writer", "this VisLogger was given a SummaryWriter before the process forked, "
+                            "and that writer cannot write from this process: nothing is logged here. Create the "
+                            "writer (or the VisLogger) in this process")
+            return False
         with self._lock:
             if self._worker is not None:
                 # Bounded: with max_pending steps still on the worker, this step waits for the oldest (before its
@@ -565,7 +571,7 @@ class VisLogger:
                         failure = e
         finally:
             _open_loggers.discard(self)
-            if self._writer is not None:
+            if self._writer is not None and not self._forked_writer:
                 try:  # never raises: a failed write was warned about (or raised, under strict) at its step
                     with self._write_lock:
                         if self._owns_writer:
@@ -937,3 +943,25 @@ def _drain_open_loggers() -> None:
 
 if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_drain_open_loggers)
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (DDP or Lightning with the fork start method, ``os.fork``) has none of its parent's threads:
+    a lock one of them held stays locked, and the parent's ``SummaryWriter`` waits for a writer thread that does
+    not exist (its first flush would hang). Each open logger gets new locks, and a writer it made itself is left to
+    the parent: the child opens an event file of its own at its first write. A writer the user gave cannot be
+    reopened: that logger writes nothing in the child (it says so once)."""
+    for vis in list(_open_loggers):
+        vis._warn_lock = threading.Lock()
+        vis._lock = threading.RLock()
+        if hasattr(vis, "_write_lock"):
+            vis._write_lock = threading.Lock()
+        if getattr(vis, "_writer", None) is not None:
+            if vis._owns_writer:
+                vis._writer = None
+            else:
+                vis._forked_writer = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

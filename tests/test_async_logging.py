@@ -609,3 +609,59 @@ def test_interpreter_exit_waits_for_background_actmax(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/actmax/body.3/channels")] == [1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+@pytest.mark.parametrize("async_logging", [False, True])
+def test_a_forked_child_logs_to_an_event_file_of_its_own(tmp_path, async_logging):
+    """The parent's writer waits for a writer thread the child does not have: the child's first logging step hung
+    in its flush (and a lock a parent's thread held at the fork stayed locked)."""
+    vis = tiny_logger(tmp_path, kinds=["kernels"], every=1, async_logging=async_logging)
+    vis.step(0)
+    vis.wait()
+    pid = os.fork()
+    if pid == 0:  # the child: exits with 0 only if it logged and closed
+        code = 1
+        try:
+            signal.alarm(30)
+            vis.step(1)
+            vis.close()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in its logging step")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    vis.step(2)
+    vis.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2  # the parent's and the child's
+    assert sorted(e.step for e in read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")) == [0, 1, 2]
+
+
+def test_a_forked_child_with_the_users_writer_says_it_cannot_log(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    vis = tiny_logger(None, writer=writer, kinds=["kernels"], every=1)
+    vis.step(0)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                logged = vis.step(1)
+                vis.close()
+            code = 0 if not logged and any("cannot write from this process" in str(w.message) for w in caught) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    vis.close()
+    writer.close()
