@@ -181,10 +181,12 @@ def export(args: argparse.Namespace) -> int:
         previous, progress.propagate = progress.level, False
         progress.setLevel(logging.INFO)
     try:
-        if not args.out and not args.gif:
-            raise exporting.ExportError("nothing to write: give --out report.html, --gif filmstrip.gif or both")
         selection = exporting.select(args.logdir, args.kind, args.layer, image=args.image, view=args.view,
-                                     panel=args.panel, metrics=bool(args.out))
+                                     panel=args.panel, metrics=bool(args.out))  # (lists what is there, if need be)
+        if not args.out and not args.gif:
+            raise exporting.ExportError(f"nothing to write: {selection.tag} is there ({len(selection.runs)} runs, "
+                                        f"{len(selection.steps)} steps); give --out report.html, --gif "
+                                        "filmstrip.gif or both")
         if args.gif_run is not None and args.gif_run not in selection.runs:
             raise exporting.ExportError(f"no run {args.gif_run!r} holds {selection.tag}; available runs: "
                                         f"{', '.join(repr(r) for r in selection.runs)}")

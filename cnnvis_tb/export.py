@@ -509,7 +509,7 @@ def write_report(selection: Selection, out: str | os.PathLike) -> int:
     """Write the report page of ``selection`` to ``out``; returns the number of pictures in it."""
     page = report_html(selection)
     Path(out).write_text(page, encoding="utf-8")
-    log.info("wrote %s (%d pictures, %d charts, %.1f MB)", out, selection.count, len(selection.metrics),
+    log.debug("wrote %s (%d pictures, %d charts, %.1f MB)", out, selection.count, len(selection.metrics),
              len(page) / 1e6)
     return selection.count
 
@@ -570,6 +570,6 @@ def write_gif(selection: Selection, out: str | os.PathLike, run: str | None = No
     # Every frame whole (no cropping to the changed area, no merged frames): one frame per logged step.
     frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0,
                    optimize=False, disposal=1)
-    log.info("wrote %s (%d frames of %d×%d, %d ms each)", out, len(frames), frames[0].width, frames[0].height,
+    log.debug("wrote %s (%d frames of %d×%d, %d ms each)", out, len(frames), frames[0].width, frames[0].height,
              duration)
     return len(frames)

@@ -263,7 +263,8 @@ class VisLogger:
             bad = self.probe.labels[(self.probe.labels < 0) | (self.probe.labels >= num_classes)]
             if bad.numel():
                 raise ValueError(
-                    f"probe_labels hold classes {bad.tolist()} out of range: the model outputs {num_classes} classes "
+                    f"probe_labels hold classes {sorted(set(bad.tolist()))} out of range: the model outputs "
+                    f"{num_classes} classes "
                     f"(valid labels are 0..{num_classes - 1})"
                 )
         class_names = options.class_names

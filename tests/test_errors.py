@@ -39,7 +39,9 @@ CASES = [
     ("probe NaN", {"probe": PROBE.clone().fill_(float("nan"))}, ValueError, r"NaN or infinite"),
     ("labels length", {"probe_labels": [0, 1]}, ValueError, r"one class per probe image: expected 4, got 2"),
     ("labels float", {"probe_labels": [0.0, 1.0, 2.0, 3.0]}, TypeError, r"integer class indices"),
-    ("class out of range", {"probe_labels": [0, 1, 2, 7]}, ValueError,
+    ("class out of range", {"probe_labels": [7, 1, 9, 7]}, ValueError,  # each bad class once
+     r"probe_labels hold classes \[7, 9\] out of range: the model outputs 4 classes \(valid labels are 0..3\)"),
+    ("one class out of range", {"probe_labels": [0, 1, 2, 7]}, ValueError,
      r"probe_labels hold classes \[7\] out of range: the model outputs 4 classes \(valid labels are 0..3\)"),
     ("class names length", {"class_names": ["a", "b"]}, ValueError, r"class_names has 2 names but the model outputs 4"),
     ("mean length", {"mean": [0.5, 0.5]}, ValueError, r"mean must have one value per input channel: expected 3, got 2"),

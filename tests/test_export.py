@@ -72,6 +72,7 @@ def exported(logdir, tmp_path_factory):
     assert f"wrote {report} (6 images" in done.stdout
     assert f"wrote {gif} (3 frames" in done.stdout
     assert "reading run 'baseline' (2/2)" in done.stderr  # progress through logging
+    assert "wrote" not in done.stderr  # the result is said once, on stdout
     return report, gif
 
 
@@ -228,6 +229,8 @@ def test_bad_input_and_empty_log_dirs_exit_with_status_2(logdir, tmp_path):
     assert done.returncode == 2 and "no such log dir" in done.stderr
     done = cli(logdir, "--kind", "gradcam", "--layer", LAYER, "--image", "0")
     assert done.returncode == 2 and "nothing to write" in done.stderr
+    done = cli(logdir, "--kind", "gradcam")  # no output asked for: the layers are listed all the same
+    assert done.returncode == 2 and "choose a layer of gradcam with --layer" in done.stderr
     assert not (tmp_path / "r.html").exists()
     assert "Traceback" not in done.stderr
 
