@@ -35,6 +35,13 @@ function nearestIndex(sorted, value) {
 }
 
 /** "cnnvis/summary/model/layers/text_summary" -> "model/layers". */
+/** The layer logged by the most runs (any of its views), the first of those in the index's order: with several
+ * runs, the first screen shows the layer they share rather than one only a single run has. */
+function mostLogged(layers) {
+  const runs = (layer) => new Set(layer.views.flatMap((v) => v.runs)).size;
+  return layers.reduce((best, layer) => (runs(layer) > runs(best) ? layer : best), layers[0]);
+}
+
 function summaryName(tag) {
   return tag.replace(/^cnnvis\/summary\//, "").replace(/\/text_summary$/, "");
 }
@@ -183,11 +190,11 @@ export class App {
     this.loadMetrics();
   }
 
-  /** Replaces selection hints that the data does not hold (first kind, layer, view). */
+  /** Replaces selection hints that the data does not hold (first kind, the layer most runs logged, first view). */
   resolveSelection() {
     const s = this.state;
     const kind = this.index.kinds.find((k) => k.kind === s.kind) ?? this.index.kinds[0];
-    const layer = kind.layers.find((l) => l.layer === s.layer) ?? kind.layers[0];
+    const layer = kind.layers.find((l) => l.layer === s.layer) ?? mostLogged(kind.layers);
     const view = layer.views.find((v) => v.view === s.view) ?? layer.views[0];
     Object.assign(s, {kind: kind.kind, layer: layer.layer, view: view.view});
     this.current = {kind, layer, view};

@@ -446,6 +446,22 @@ def test_a_users_kind_shows_with_its_label_and_its_images(open_tab, custom_serve
     frame.wait_for_function(ALL_IMAGES_SETTLED)
 
 
+def test_with_several_runs_the_first_screen_shows_the_layer_most_of_them_logged(
+        open_tab, browser, start_tensorboard, wait_for_json, tmp_path):
+    """It showed the alphabetically first layer, which one scratch run alone had: one row, the others hidden."""
+    image = np.full((3, 8, 8), 120, np.uint8)
+    for run, layer in [("a", "features.3"), ("b", "features.3"), ("c", "0")]:
+        with SummaryWriter(tmp_path / run) as writer:
+            writer.add_image(tags.image_tag("gradcam", layer, tags.probe_view(0)), image, 0)
+    url = start_tensorboard(tmp_path, plugin="cnnvis").url
+    wait_for_json(f"{url}/data/plugin/cnnvis/index", lambda index: index["runs"] == ["a", "b", "c"])
+    tab = open_tab(server=url)
+    assert tab.frame.locator(".cv-card-title").first.text_content() == "gradcam · features.3 · probe image 0"
+    assert tab.row_runs() == ["a", "b"]
+    tab = open_tab("?p.cnnvis.layer=0", server=url)  # a layer asked for is still the one shown
+    assert tab.frame.locator(".cv-card-title").first.text_content() == "gradcam · 0 · probe image 0"
+
+
 def test_screenshot_of_two_runs_across_steps(open_tab, demo_server):
     tab = open_tab("?p.cnnvis.kind=gradcam&p.cnnvis.size=184", server=demo_server)
     tab.frame.locator(".cv-layers > summary").click()
