@@ -487,11 +487,16 @@ def test_with_async_logging_the_metrics_that_run_the_model_run_on_a_copy_on_the_
 
     from cnnvis_tb.kinds.gradcam import GradCam
 
-    torch.manual_seed(3)
-    model = TinyCNN().eval()
-    probe, labels = make_batch(12, n=4)
     seen = []
-    model.register_forward_pre_hook(lambda m, a: seen.append((threading.current_thread().name, m)))
+
+    class Recorded(TinyCNN):  # which thread runs which module (not a hook: a model with hooks stays on the thread)
+        def forward(self, x):
+            seen.append((threading.current_thread().name, self))
+            return super().forward(x)
+
+    torch.manual_seed(3)
+    model = Recorded().eval()
+    probe, labels = make_batch(12, n=4)
     for background, log_dir in ((True, tmp_path / "bg"), (False, tmp_path / "fg")):
         with VisLogger(model, log_dir, probe=probe, probe_labels=labels, strict=True, layers={"gradcam": ["body"]},
                        kinds=[GradCam(methods=["gradcam"], background_metrics=background)]) as vis:
