@@ -242,6 +242,27 @@ def test_the_training_bar_reports_the_kinds_of_each_logging_step(tmp_path, capsy
     assert "4/4" in err and "loss=0.250" in err
 
 
+def test_under_async_logging_the_bar_also_shows_the_workers_time(tmp_path, capsys):
+    """The training thread's share of an async logging step is about 0 ms: alone it read as if nothing ran."""
+    import torch
+
+    from cnnvis_tb.progress import TrainingBar
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    with VisLogger(model, tmp_path, probe=torch.rand(2, 3, 8, 8), kinds=["kernels"], every=2,
+                   async_logging=True) as vis:
+        bar = TrainingBar(3, vis, mininterval=0)
+        bar.step(0, 1.0, logged=vis.step(0))
+        assert bar.logged.startswith("@0 kernels ")
+        vis.wait()
+        bar.step(1, 0.5, logged=vis.step(1))
+        assert bar.rendered.startswith("rendered kernels ") and "; rendered kernels" in bar.bar.postfix
+        bar.step(2, 0.3, logged=vis.step(2))
+        assert bar.logged.startswith("@2 kernels ")
+        bar.close()
+
+
 def test_progress_messages_get_a_line_of_their_own_above_the_bar(capsys):
     """In a log file (no terminal) too: a plain stream handler would append the message to the bar's line."""
     import logging
