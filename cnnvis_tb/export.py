@@ -225,7 +225,8 @@ def _crop(png: bytes, box: Sequence[int]) -> bytes:
 def _metrics(accumulators: dict, runs: list[str], kind: str, layer: str, view: str,
              panel: str | None = None) -> list[Series]:
     """The metric series of ``kind`` at ``layer`` to chart: all when there are few, else those of the target
-    ``true`` (or none) and the first method logged (or none); per-image series only for the chosen probe image.
+    ``true`` (else ``pred``; or none) and the first method logged (or none); per-image series only for the chosen
+    probe image.
     A panel named ``<method>/<target>`` (``gradcam++/pred``) picks that method and target when metrics have them."""
     from cnnvis_tb.plugin.metrics import METRIC_ORDER, metric_parts, metric_variant
 
@@ -245,7 +246,9 @@ def _metrics(accumulators: dict, runs: list[str], kind: str, layer: str, view: s
                  and variants[n].get("method", method) == method]
     elif len(names) > FEW_SERIES:
         first = methods[0] if methods else None
-        names = [n for n in names if variants[n].get("target", "true") == "true"
+        # The true class's, or (a probe without labels logs the predicted class only) the predicted class's.
+        want = "true" if "true" in targets or not targets else "pred" if "pred" in targets else sorted(targets)[0]
+        names = [n for n in names if variants[n].get("target", want) == want
                  and variants[n].get("method", first) == first]
 
     def order(name: str):

@@ -244,3 +244,18 @@ def test_the_gif_alone_of_the_default_run(logdir, tmp_path, capsys):
         assert film.n_frames == len(STEPS) and film.info["duration"] == 120
     first = Image.open(io.BytesIO(gif.read_bytes()))
     assert first.width >= 128 or first.height >= 128  # small pictures are upscaled for slides
+
+
+def test_a_probe_without_labels_gets_the_predicted_class_trends(tmp_path):
+    """Without probe labels only the predicted class's metrics exist; the report charted the true class's, so
+    none (``0 charts``)."""
+    from cnnvis_tb import export as exporting
+
+    torch.manual_seed(0)
+    probe, _ = make_batch(4, n=4)
+    with VisLogger(TinyCNN(), tmp_path / "run", probe=probe, kinds=["gradcam"], every=1, strict=True) as vis:
+        for step in range(2):
+            vis.step(step)
+    selection = exporting.select(tmp_path, "gradcam", "body", image=0)
+    assert selection.metrics and all(s.name.endswith("/pred") or "/" not in s.name for s in selection.metrics)
+    assert any(s.name.startswith("deletion/") for s in selection.metrics)
