@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from cnnvis_tb import tags
 from cnnvis_tb.distributed import ShardedModel, is_logging_rank, sharding
@@ -292,6 +293,7 @@ class VisLogger:
         self.every = {k.name: k.every for k in self._kinds}
         self._owns_writer = writer is None
         self._forked_writer = False  # the user's writer, inherited from the parent by a forked process
+        self._forked = False  # a forked process whose rank is not known yet (see _rank_after_fork)
         self._active = is_logging_rank()
         self._writer = writer
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
@@ -311,6 +313,7 @@ class VisLogger:
         #: ``{kind: seconds}`` the worker spent rendering and writing each kind of the latest logging step it
         #: finished (asynchronous logging only; :attr:`last_times` is the training thread's share).
         self.last_worker_times: dict[str, float] = {}
+        self.last_worker_step: int | None = None  #: the step of :attr:`last_worker_times`
         self._warned_closed = False
         self._table_logged = False
         self._last_logged: dict[str, int] = {}
@@ -337,9 +340,11 @@ class VisLogger:
         with preserved(self._net), torch.no_grad():
             x = self._probe_tensor()
             before = rng_states(self._net)
+            lazy = any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in self._net.modules())
             try:
                 traces, output = trace_layers(self._net, x)
-                self._draws_random = not same_rng(before, rng_states(self._net))
+                # (a lazy module draws its first weights now: the probe passes tell later whether the model does)
+                self._draws_random = not lazy and not same_rng(before, rng_states(self._net))
             except Exception as e:  # the model's own error, rephrased with what we gave it
                 raise ValueError(
                     f"the model could not run on the probe of shape {list(x.shape)}: {type(e).__name__}: {e}. "
@@ -397,6 +402,8 @@ class VisLogger:
             return False
         if self._async_error is not None:
             self._raise_async_error()
+        if self._forked:
+            self._rank_after_fork()
         if self._sharded.stopped if self._sharded is not None else (not self._active or self._stopped):
             return False
         due = due_kinds(self._kinds, global_step, self._last_logged)
@@ -433,9 +440,17 @@ class VisLogger:
             chosen = [k for k in self._kinds if k.name in names]
         if self._sharded is not None:
             return self._log_sharded(global_step, chosen, wait)
+        if self._forked:
+            self._rank_after_fork()
         if not self._active or self._stopped:
             return False
         return self._log_and_flush(global_step, chosen, wait)
+
+    def _rank_after_fork(self) -> None:
+        """In a forked process the rank is known once its process group exists (DDP's ranks are forked before):
+        only rank 0 logs, as in the process that made the logger."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._active, self._forked = self._active and is_logging_rank(), False
 
     def _log_and_flush(self, global_step: int, chosen: list[Kind], wait: bool = True) -> bool:
         if self._forked_writer:
@@ -506,6 +521,7 @@ class VisLogger:
                 self._async_error = e
         finally:
             self.last_worker_times = times
+            self.last_worker_step = ctx.step
 
     def _raise_async_error(self) -> None:
         error, self._async_error = self._async_error, None
@@ -520,7 +536,7 @@ class VisLogger:
         if self._async_error is not None:
             self._raise_async_error()
         for kind in self._kinds:
-            kind.wait()
+            kind.wait_for_background()
 
     def _log_sharded(self, step: int, chosen: list[Kind], wait: bool = True) -> bool:
         """One logging step of a sharded model, on every rank: the gather (a collective), rank 0's logging on its
@@ -593,8 +609,14 @@ class VisLogger:
     def __enter__(self) -> VisLogger:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the block's own exception is the one to see; a strict failure of ours would replace it
+            self.close()
+        except Exception as e:
+            log.warning("closing the VisLogger after %s also failed: %s: %s", exc_type.__name__, type(e).__name__, e)
 
     # ------------------------------------------------------------------ logging step
     def _probe_tensor(self) -> torch.Tensor:
@@ -939,7 +961,7 @@ def _drain_open_loggers() -> None:
                 worker.wait()
         for kind in getattr(vis, "_kinds", ()):  # background activation maximization / DeepDream
             with contextlib.suppress(Exception):
-                kind.wait()
+                kind.wait_for_background()
 
 
 if hasattr(threading, "_register_atexit"):
@@ -953,6 +975,7 @@ def _after_fork_in_child() -> None:
     the parent: the child opens an event file of its own at its first write. A writer the user gave cannot be
     reopened: that logger writes nothing in the child (it says so once)."""
     for vis in list(_open_loggers):
+        vis._forked = True
         vis._warn_lock = threading.Lock()
         vis._lock = threading.RLock()
         if hasattr(vis, "_write_lock"):

@@ -72,7 +72,7 @@ class TrainingBar:
         self.bar = tqdm(total=total, desc=desc, unit="step", mininterval=mininterval, dynamic_ncols=True)
         self.logged = ""
         self.rendered = ""  # the worker's times of the latest logging step, once it finished them
-        self._worker_times: dict[str, float] | None = None
+        self._logged_step: int | None = None
 
     def step(self, step: int, loss: float | None = None, *, logged: bool = False) -> None:
         """Advance by one training step; ``logged``: whether ``vis.step`` logged at this step. With asynchronous
@@ -81,11 +81,9 @@ class TrainingBar:
         vis = self.vis
         if logged and vis is not None:
             self.logged = f"@{step} " + " ".join(f"{k} {t * 1000:.0f}ms" for k, t in vis.last_times.items())
-            self.rendered = ""
-            self._worker_times = getattr(vis, "last_worker_times", None)  # the previous step's, until it changes
+            self.rendered, self._logged_step = "", step
         worker = getattr(vis, "last_worker_times", None)
-        if worker and worker is not self._worker_times:
-            self._worker_times = worker
+        if not self.rendered and worker and getattr(vis, "last_worker_step", None) == self._logged_step:
             self.rendered = "rendered " + " ".join(f"{k} {t * 1000:.0f}ms" for k, t in worker.items())
         postfix = {} if loss is None else {"loss": f"{loss:.3f}"}
         if self.logged:

@@ -97,12 +97,13 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 
 
 def _own_state_hook(hook: object) -> bool:
-    """A hook that only recomputes its module's own parameters (weight / spectral normalization): on a copy it
-    touches the copy alone."""
+    """A hook that only recomputes its module's own parameters (weight / spectral normalization, pruning): on a copy
+    it touches the copy alone."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    return isinstance(hook, (WeightNorm, SpectralNorm))
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
 
 
 def foreign_hooks(net: nn.Module) -> str | None:
@@ -160,11 +161,11 @@ class FrozenCopies:
 
     def __init__(self) -> None:
         self._free: list[tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = []
-        #: The copies taken and not given back, with their state (weakly: one never given back, after a failure, is
-        #: freed with its last use instead of living on here).
-        self._state: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, torch.Tensor]]] = (
-            weakref.WeakKeyDictionary())
-        self._lock = threading.Lock()
+        #: The copies taken and not given back, by identity (a model may define ``__eq__``), with their state; the
+        #: entry goes with the copy (one never given back, after a failure, is freed with its last use).
+        self._state: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._watched: set[int] = set()  # copies with a finalizer that forgets them
+        self._lock = threading.RLock()
 
     def take(self, net: nn.Module) -> nn.Module:
         """A frozen copy of ``net`` as it is now."""
@@ -178,18 +179,33 @@ class FrozenCopies:
                     for (a, s), (b, t) in zip(state, live, strict=True)):
                 with torch.no_grad():
                     torch._foreach_copy_([s for _, s in state], [t.detach() for _, t in live])
-                with self._lock:
-                    self._state[snapshot] = state
+                self._taken(snapshot, state)
                 return snapshot
         snapshot = frozen_copy(net)
-        with self._lock:
-            self._state[snapshot] = _state(snapshot)
+        self._taken(snapshot, _state(snapshot))
         return snapshot
+
+    def _taken(self, snapshot: nn.Module, state: list[tuple[str, torch.Tensor]]) -> None:
+        key = id(snapshot)
+        with self._lock:
+            self._state[key] = state
+            new = key not in self._watched
+            self._watched.add(key)
+        if new:  # once per copy (a copy is taken again at every logging step); weakly, not to keep us alive
+            weakref.finalize(snapshot, FrozenCopies._forget, weakref.ref(self), key)
+
+    @staticmethod
+    def _forget(copies: weakref.ref[FrozenCopies], key: int) -> None:
+        self = copies()
+        if self is not None:
+            with self._lock:  # (reentrant: a copy may be freed while the lock is held, in clear())
+                self._state.pop(key, None)
+                self._watched.discard(key)
 
     def give_back(self, snapshot: nn.Module) -> None:
         """``snapshot`` (from :meth:`take`) is no longer used: the next :meth:`take` may refresh it."""
         with self._lock:
-            state = self._state.pop(snapshot, None)
+            state = self._state.pop(id(snapshot), None)
             if state is not None:
                 self._free.append((snapshot, state))
 

@@ -665,3 +665,105 @@ def test_a_forked_child_with_the_users_writer_says_it_cannot_log(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     vis.close()
     writer.close()
+
+
+def test_frozen_copies_go_by_identity_and_do_not_keep_themselves_alive():
+    """Taken copies were keyed by the module: two copies of a model that defines ``__eq__`` / ``__hash__`` shared one
+    entry (one never came back, the next take handed out a copy with stale weights)."""
+    import weakref
+
+    from cnnvis_tb.safety import FrozenCopies
+
+    class Equal(TinyCNN):
+        def __eq__(self, other):
+            return isinstance(other, Equal)
+
+        def __hash__(self):
+            return 1
+
+    model, copies = Equal(), FrozenCopies()
+    first, second = copies.take(model), copies.take(model)
+    copies.give_back(first)
+    copies.give_back(second)
+    assert len(copies._free) == 2 and not copies._state
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    again = copies.take(model)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters(), strict=True))
+    gone = weakref.ref(copies)
+    del copies, first, second, again
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(), reason="needs os.fork and gloo")
+def test_ranks_forked_after_the_logger_was_made_log_on_rank_0_only(tmp_path):
+    """DDP with the fork start method: the logger is made before the ranks exist; each forked rank learns its rank
+    when its process group is up (rank 1 wrote a file of its own, every picture twice)."""
+    import torch.distributed as dist
+
+    vis = tiny_logger(tmp_path / "logs", kinds=["kernels"], every=1)
+    vis.step(0)
+    vis.wait()
+    pids = []
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(60)
+                dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=2)
+                logged = vis.log_now(1)
+                vis.close()
+                dist.barrier()
+                dist.destroy_process_group()
+                code = 0 if logged == (rank == 0) else 3
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    vis.close()
+    assert codes == [0, 0]
+    assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 2  # the parent's and rank 0's
+    assert sorted(e.step for e in read_events(tmp_path / "logs").Images("cnnvis/kernels/stem.0/grid")) == [0, 1]
+
+
+def test_a_lazy_module_drawing_its_first_weights_is_not_taken_for_a_random_model(tmp_path):
+    class Lazy(TinyCNN):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.LazyLinear(4)
+
+    vis = tiny_logger(tmp_path, Lazy(), kinds=["gradcam"], every=1, async_logging=True)
+    vis.step(0)
+    vis.close()
+    assert not vis._info.draws_random and vis._info.background_hazard(vis._net) is None
+
+
+def test_pruning_hooks_keep_the_work_in_the_background():
+    from torch.nn.utils import prune
+
+    from cnnvis_tb.safety import foreign_hooks
+
+    model = TinyCNN()
+    prune.l1_unstructured(model.stem[0], "weight", amount=0.3)
+    assert foreign_hooks(model) is None
+
+
+def test_background_actmax_on_a_thread_that_outlives_the_main_thread_still_writes(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from _models import tiny_logger
+        vis = tiny_logger({str(tmp_path)!r}, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+        def train():
+            for step in range(1, 3):
+                time.sleep(0.5)
+                vis.step(step)
+            vis.close()
+        threading.Thread(target=train).start()  # not a daemon; the main thread ends here
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/actmax/body.3/channels")] == [1, 2]

@@ -536,7 +536,7 @@ class SnapshotKind(Kind):
         for _ in self.each_layer(ctx.net):  # after the layers still there have logged: name the missing ones
             pass
 
-    def wait(self) -> None:
+    def wait_for_background(self) -> None:
         self._worker.wait()
 
     def close(self) -> None:
@@ -709,7 +709,12 @@ class BackgroundWork:
         snapshot = frozen_copy(ctx.net)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cnnvis-{name}")
-        self._pending.append(self._executor.submit(self._run, snapshot, ctx.step, work, write))
+        try:
+            self._pending.append(self._executor.submit(self._run, snapshot, ctx.step, work, write))
+        except RuntimeError:  # Python stopped its pools (the main thread ended, training goes on in another): here
+            self._executor = None
+            self._run(snapshot, ctx.step, work, write)
+            self._raise_failure()
 
     def wait(self) -> None:
         """Wait for the work still running (its pictures written); a failure there under ``strict`` raises here."""

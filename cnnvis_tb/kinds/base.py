@@ -322,7 +322,7 @@ class Kind:
         """Render and write this step's pictures through ``out``; ``computed`` is what :meth:`compute` returned."""
         raise NotImplementedError(f"{type(self).__name__} must define log(ctx, out, computed)")
 
-    def wait(self) -> None:
+    def wait_for_background(self) -> None:
         """Wait for work of the kind's own (a background thread) to finish, and go on accepting more: the logger
         calls it from ``vis.wait()`` and when the main thread ends."""
 
