@@ -767,3 +767,16 @@ def test_background_actmax_on_a_thread_that_outlives_the_main_thread_still_write
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/actmax/body.3/channels")] == [1, 2]
+
+
+def test_a_strict_failure_at_close_does_not_hide_the_with_blocks_own_exception(tmp_path, monkeypatch):
+    import cnnvis_tb.kinds.actmax as actmax
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("optimization failed on the snapshot")
+
+    monkeypatch.setattr(actmax, "optimize_channels", fails)
+    with pytest.raises(KeyError, match="the user's own"):
+        with tiny_logger(tmp_path, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2) as vis:
+            vis.step(1)
+            raise KeyError("the user's own")
