@@ -960,8 +960,11 @@ def _drain_open_loggers() -> None:
             with contextlib.suppress(Exception):
                 worker.wait()
         for kind in getattr(vis, "_kinds", ()):  # background activation maximization / DeepDream
-            with contextlib.suppress(Exception):
+            try:
                 kind.wait_for_background()
+            except Exception as e:  # strict: kept for the next step() or close() of a thread that goes on
+                if getattr(vis, "_async_error", None) is None:
+                    vis._async_error = e
 
 
 if hasattr(threading, "_register_atexit"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -166,6 +167,7 @@ class FrozenCopies:
         self._state: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._watched: set[int] = set()  # copies with a finalizer that forgets them
         self._lock = threading.RLock()
+        _all_copies.add(self)
 
     def take(self, net: nn.Module) -> nn.Module:
         """A frozen copy of ``net`` as it is now."""
@@ -213,3 +215,16 @@ class FrozenCopies:
         """Forget the free copies (their memory is released once nothing else holds them)."""
         with self._lock:
             self._free.clear()
+
+
+#: Every :class:`FrozenCopies`, for a forked process: a lock a thread of the parent held there stays locked.
+_all_copies: weakref.WeakSet[FrozenCopies] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for copies in list(_all_copies):
+        copies._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)

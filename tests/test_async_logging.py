@@ -780,3 +780,85 @@ def test_a_strict_failure_at_close_does_not_hide_the_with_blocks_own_exception(t
         with tiny_logger(tmp_path, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2) as vis:
             vis.step(1)
             raise KeyError("the user's own")
+
+
+def test_a_strict_background_failure_seen_at_the_end_of_the_main_thread_is_still_raised(tmp_path):
+    """The drain at the end of the main thread waited for background actmax and swallowed its strict failure."""
+    code = textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(TESTS)!r})
+        import cnnvis_tb.kinds.actmax as actmax
+        from _models import tiny_logger
+        def fails(*args, **kwargs):
+            time.sleep(0.5)
+            raise RuntimeError("optimization failed on the snapshot")
+        actmax.optimize_channels = fails
+        vis = tiny_logger({str(tmp_path)!r}, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+        vis.step(1)
+        def train():
+            time.sleep(1.5)  # the main thread has ended and its exit hooks ran
+            try:
+                vis.close()
+                print("not raised")
+            except RuntimeError as e:
+                print("raised:", e)
+        threading.Thread(target=train).start()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "raised: optimization failed on the snapshot" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_frozen_copies_get_a_new_lock_in_a_forked_child():
+    from cnnvis_tb.safety import FrozenCopies
+
+    copies, model = FrozenCopies(), TinyCNN()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with copies._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(20)
+            copies.give_back(copies.take(model))
+            code = 0
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_work_that_moves_to_the_training_thread_waits_for_the_background_step_before_it(tmp_path, monkeypatch):
+    """A model that got hooks of its own while background actmax was still running an earlier step: the step now
+    run on the training thread wrote its pictures before the earlier step's."""
+    import cnnvis_tb.kinds.actmax as actmax
+
+    optimize, gate = actmax.optimize_channels, threading.Event()
+
+    def slow_first(*args, **kwargs):
+        if not gate.is_set():
+            gate.set()
+            time.sleep(1.0)
+        return optimize(*args, **kwargs)
+
+    monkeypatch.setattr(actmax, "optimize_channels", slow_first)
+    model = TinyCNN()
+    vis = tiny_logger(tmp_path, model, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
+    kind = vis.kind("actmax")
+    written, write = [], kind._write
+    kind._write = lambda out, computed: (written.append(out.step), write(out, computed))
+    vis.step(1)  # in the background, slow
+    assert gate.wait(10)
+    model.body[2].register_forward_hook(lambda m, i, o: None)  # from now on: on the training thread
+    vis.step(2)
+    vis.close()
+    assert written == [1, 2]

@@ -626,7 +626,10 @@ class ActMax(SnapshotKind):
     def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
         _log.info("step %d: activation maximization of %d channels, %d steps%s", ctx.step, len(self.targets),
                   self.steps, " (in the background)" if self.background else "")
-        if not self.background or not self._worker.may_run(ctx):
+        if not self.background:
+            return self._images(ctx.net)
+        if not self._worker.may_run(ctx):
+            self._worker.wait()  # an earlier step's work first, so the pictures come in order
             return self._images(ctx.net)
         self._worker.submit(ctx, self._images, self._write)
         return None
