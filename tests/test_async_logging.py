@@ -434,25 +434,30 @@ def test_interpreter_exit_waits_for_the_queue(tmp_path):
     assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1]
 
 
-@pytest.mark.parametrize("async_logging", [False, True])
-def test_training_on_a_thread_that_outlives_the_main_thread_still_writes_pictures(tmp_path, async_logging):
-    """Python stops the ``concurrent.futures`` pools (our PNG encoders) before it joins non-daemon threads: a run
-    whose training thread goes on after the main thread ended lost every picture from then on."""
+def _train_on_a_thread_that_outlives_main(log_dir, options: str, steps: range, sleep: float) -> None:
+    """A script whose training thread (not a daemon) logs ``steps`` after its main thread ended, then closes."""
     code = textwrap.dedent(f"""
         import sys, threading, time
         sys.path.insert(0, {str(TESTS)!r})
         from _models import tiny_logger
-        vis = tiny_logger({str(tmp_path)!r}, kinds=["kernels", "features"], every=1,
-                          async_logging={async_logging})
+        vis = tiny_logger({str(log_dir)!r}, {options})
         def train():
-            for step in range(4):
-                time.sleep(0.3)
+            for step in {list(steps)!r}:
+                time.sleep({sleep})
                 vis.step(step)
             vis.close()
         threading.Thread(target=train).start()  # not a daemon; the main thread ends here
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("async_logging", [False, True])
+def test_training_on_a_thread_that_outlives_the_main_thread_still_writes_pictures(tmp_path, async_logging):
+    """Python stops the ``concurrent.futures`` pools (our PNG encoders) before it joins non-daemon threads: a run
+    whose training thread goes on after the main thread ended lost every picture from then on."""
+    _train_on_a_thread_that_outlives_main(
+        tmp_path, f'kinds=["kernels", "features"], every=1, async_logging={async_logging}', range(4), 0.3)
     acc = read_events(tmp_path)
     assert [e.step for e in acc.Images("cnnvis/features/stem.0/probe_000")] == [0, 1, 2, 3]
     assert [e.step for e in acc.Images("cnnvis/kernels/stem.0/grid")] == [0, 1, 2, 3]
@@ -752,20 +757,8 @@ def test_pruning_hooks_keep_the_work_in_the_background():
 
 
 def test_background_actmax_on_a_thread_that_outlives_the_main_thread_still_writes(tmp_path):
-    code = textwrap.dedent(f"""
-        import sys, threading, time
-        sys.path.insert(0, {str(TESTS)!r})
-        from _models import tiny_logger
-        vis = tiny_logger({str(tmp_path)!r}, kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2)
-        def train():
-            for step in range(1, 3):
-                time.sleep(0.5)
-                vis.step(step)
-            vis.close()
-        threading.Thread(target=train).start()  # not a daemon; the main thread ends here
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    _train_on_a_thread_that_outlives_main(
+        tmp_path, 'kinds=["actmax"], every=1, actmax_background=True, actmax_channels=2', range(1, 3), 0.5)
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/actmax/body.3/channels")] == [1, 2]
 
 
