@@ -265,8 +265,7 @@ class VisLogger:
             if bad.numel():
                 raise ValueError(
                     f"probe_labels hold classes {sorted(set(bad.tolist()))} out of range: the model outputs "
-                    f"{num_classes} classes "
-                    f"(valid labels are 0..{num_classes - 1})"
+                    f"{num_classes} classes (valid labels are 0..{num_classes - 1})"
                 )
         class_names = options.class_names
         if class_names is not None and len(class_names) != num_classes:

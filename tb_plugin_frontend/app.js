@@ -34,7 +34,6 @@ function nearestIndex(sorted, value) {
   return best;
 }
 
-/** "cnnvis/summary/model/layers/text_summary" -> "model/layers". */
 /** The layer logged by the most runs (any of its views), the first of those in the index's order: with several
  * runs, the first screen shows the layer they share rather than one only a single run has. */
 function mostLogged(layers) {
@@ -42,6 +41,7 @@ function mostLogged(layers) {
   return layers.reduce((best, layer) => (runs(layer) > runs(best) ? layer : best), layers[0]);
 }
 
+/** "cnnvis/summary/model/layers/text_summary" -> "model/layers". */
 function summaryName(tag) {
   return tag.replace(/^cnnvis\/summary\//, "").replace(/\/text_summary$/, "");
 }

@@ -626,10 +626,7 @@ class ActMax(SnapshotKind):
     def compute(self, ctx: StepContext) -> dict[str, torch.Tensor] | None:
         _log.info("step %d: activation maximization of %d channels, %d steps%s", ctx.step, len(self.targets),
                   self.steps, " (in the background)" if self.background else "")
-        if not self.background:
-            return self._images(ctx.net)
-        if not self._worker.may_run(ctx):
-            self._worker.wait()  # an earlier step's work first, so the pictures come in order
+        if not self.background or not self._worker.may_run(ctx):
             return self._images(ctx.net)
         self._worker.submit(ctx, self._images, self._write)
         return None
@@ -685,18 +682,16 @@ class BackgroundWork:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._pid = os.getpid()
-        self._said_hazard: str | None = None
         self._failure: BaseException | None = None  # under strict: the worker's failure, raised at the next call
 
     def may_run(self, ctx: StepContext) -> bool:
-        """Whether the model may run on the worker (see :meth:`ModelInfo.background_hazard`); when not, the kind
-        does its work on the training thread, and says why once."""
-        hazard = ctx.info.background_hazard(ctx.net)
-        if hazard is not None and hazard != self._said_hazard:
-            self._said_hazard = hazard
-            _log.info("step %d: %s runs on the training thread, not in the background: the model %s", ctx.step,
-                      self.what, hazard)
-        return hazard is None
+        """Whether the model may run on the worker (:meth:`ModelInfo.may_run_elsewhere`, which says why not once).
+        When not, the kind does its work on the training thread, after the work of earlier steps still running here
+        (so the pictures come in order)."""
+        if ctx.info.may_run_elsewhere(ctx.net, f"background {self.what}"):
+            return True
+        self.wait()
+        return False
 
     def submit(self, ctx: StepContext, work: Callable[[nn.Module], object],
                write: Callable[[Output, object], None]) -> None:

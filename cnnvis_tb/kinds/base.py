@@ -40,6 +40,7 @@ A kind of one's own::
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -53,6 +54,8 @@ from cnnvis_tb.layers import LayerTrace, conv_layers, default_cam_layer, find_la
 from cnnvis_tb.probe import Probe
 from cnnvis_tb.render import denormalize, to_uint8
 from cnnvis_tb.safety import foreign_hooks
+
+_log = logging.getLogger("cnnvis_tb")
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnvis_tb.probe_pass import ProbePass
@@ -142,6 +145,9 @@ class ModelInfo:
     #: Monte-Carlo dropout). Such a model never runs on another thread: there it would move the RNG training uses.
     draws_random: bool = False
 
+    #: ``{what: hazard}`` last said by :meth:`may_run_elsewhere`, so each reason is logged once per piece of work.
+    _said_hazards: dict[str, str] = field(default_factory=dict, repr=False)
+
     def background_hazard(self, net: nn.Module) -> str | None:
         """Why work that runs ``net`` (or a copy of it) must stay on the training thread, or None: it draws random
         numbers in eval mode, or it has hooks of the user's (:func:`cnnvis_tb.safety.foreign_hooks`)."""
@@ -149,6 +155,15 @@ class ModelInfo:
             return "draws random numbers in eval mode (from the global RNG, which training uses)"
         hooks = foreign_hooks(net)
         return None if hooks is None else f"has hooks of its own ({hooks})"
+
+    def may_run_elsewhere(self, net: nn.Module, what: str) -> bool:
+        """Whether ``what`` (work that runs ``net``) may run on another thread (:meth:`background_hazard`); when
+        not, it says why once (each new reason once again)."""
+        hazard = self.background_hazard(net)
+        if hazard is not None and self._said_hazards.get(what) != hazard:
+            self._said_hazards[what] = hazard
+            _log.info("%s runs on the training thread, not in the background: the model %s", what, hazard)
+        return hazard is None
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...] | None]:

@@ -415,10 +415,7 @@ class DeepDream(SnapshotKind):
             c.steps,
             " (in the background)" if self.background else "",
         )
-        if not self.background:
-            return self._dreams(ctx.net, ctx.inputs)
-        if not self._worker.may_run(ctx):
-            self._worker.wait()  # an earlier step's work first, so the pictures come in order
+        if not self.background or not self._worker.may_run(ctx):
             return self._dreams(ctx.net, ctx.inputs)
         inputs = ctx.inputs.detach().clone()
         self._worker.submit(ctx, lambda net: self._dreams(net, inputs), self._write)

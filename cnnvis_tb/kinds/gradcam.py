@@ -326,7 +326,6 @@ class GradCam(Kind):
         self.deletion_every = self.deletion_every_given or 1  # set from the probe's size in setup when not given
         self.background_metrics = bool(background_metrics)
         self._copies = FrozenCopies()  # the frozen copy of background_metrics, reused from step to step
-        self._said_hazard: str | None = None  # why the metrics last stayed on the training thread (logged once)
         self._previous_ranks: dict[tuple[str, str, str], torch.Tensor] = {}  # each map set's rank_vectors
         self._run_max: dict[tuple[str, str, str], torch.Tensor] = {}
         self._heads: dict[str, torch.Tensor] = {}
@@ -400,13 +399,8 @@ class GradCam(Kind):
         pass's detached activations and gradients) and the metrics that run the model (on a frozen copy)."""
         computed = CamStep({}, {}, {})
         model_metrics = self.metrics in ("default", "all")
-        hazard = None
-        if model_metrics and self.background_metrics and ctx.info.in_background:
-            hazard = ctx.info.background_hazard(ctx.net)
-            if hazard is not None and hazard != self._said_hazard:
-                self._said_hazard = hazard
-                _log.info("the CAM metrics that run the model run on the training thread: the model %s", hazard)
-        if hazard is None and model_metrics and self.background_metrics and ctx.info.in_background:
+        if (model_metrics and self.background_metrics and ctx.info.in_background
+                and ctx.info.may_run_elsewhere(ctx.net, "the CAM metrics that run the model")):
             try:
                 computed.snapshot = self._copies.take(ctx.net)
             except Exception as e:
