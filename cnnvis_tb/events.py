@@ -75,7 +75,7 @@ def encode_png(image: torch.Tensor, level: int = 1) -> bytes:
     return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
 
 
-def _is_torch_writer(writer) -> bool:
+def is_torch_writer(writer) -> bool:
     from torch.utils.tensorboard import SummaryWriter
 
     return isinstance(writer, SummaryWriter)
@@ -132,7 +132,7 @@ class PictureWriter:
         self._pending: list[tuple[str, tuple[int, int, int], int, Future]] = []
 
     def add(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if not _is_torch_writer(self.writer):
+        if not is_torch_writer(self.writer):
             self.writer.add_image(tag, image, step)
             return
         image = image.detach().cpu()

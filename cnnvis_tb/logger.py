@@ -302,8 +302,9 @@ class VisLogger:
             use_fast_checksums()
         self._closed = False
         self._stopped = False  # writing failed: nothing more is logged (training goes on)
-        #: Held around every use of the writer: the worker's logging steps, the training thread's writes and
-        #: flushes, background kinds' outputs (:meth:`_open_output`). Never held while waiting for anything else.
+        #: Held around every use of the writer (the writes and flushes of a logging step, on the training thread or
+        #: the worker, and of background kinds, :meth:`_open_output`), never while rendering or waiting for
+        #: anything else: the kinds' writes are kept by their :class:`Output` and made at its flush.
         self._write_lock = threading.Lock()
         self._worker = _Worker(self.max_pending) if self._async and self._active else None
         if self._info is not None:  # None on the ranks of a sharded model that do not log
@@ -499,7 +500,7 @@ class VisLogger:
         failure warns once (as on the training thread); under ``strict`` it is kept and raised at the next call."""
         times: dict[str, float] = {}
         try:
-            with self._write_lock, single_threaded():
+            with single_threaded():  # the write lock is taken for the writes alone (Output.flush)
                 try:
                     for kind, computed in later:
                         if self._stopped:
@@ -512,7 +513,8 @@ class VisLogger:
                 finally:
                     if not self._stopped:
                         try:
-                            self._writer.flush()
+                            with self._write_lock:
+                                self._writer.flush()
                         except Exception as e:
                             self._write_failed(e)
         except Exception as e:  # strict (warned and swallowed otherwise)
@@ -708,7 +710,7 @@ class VisLogger:
                         later.append((kind, computed))
                     else:
                         wrote = True
-                        with self._write_lock, single_threaded():
+                        with single_threaded():
                             self._guarded(kind.name, step, lambda k=kind, c=computed: self._written(k, ctx, c))
                 seconds = self.last_times[kind.name] = time.perf_counter() - start
                 if seconds >= SLOW_KIND_SECONDS:
@@ -726,9 +728,10 @@ class VisLogger:
         return record
 
     def _written(self, kind: Kind, ctx: StepContext, computed: object) -> None:
-        """Run one kind's logging; the pictures it added (encoded meanwhile on a helper thread) are written
-        before it counts as done, also those made before a failure."""
-        out = Output(kind.name, self.writer, ctx.step)
+        """Run one kind's logging; what it added (pictures encoded meanwhile on a helper thread) is written
+        before it counts as done, also what it made before a failure, under the write lock (held for the writes
+        alone, so the training thread and the worker render side by side)."""
+        out = Output(kind.name, self.writer, ctx.step, self._write_lock)
         try:
             kind.log(ctx, out, computed)
         finally:
@@ -736,15 +739,15 @@ class VisLogger:
 
     @contextlib.contextmanager
     def _open_output(self, kind: Kind, step: int) -> Iterator[Output]:
-        """An :class:`Output` for work a kind finishes later on a thread of its own: written under the writer's lock
-        (so never at the same time as a logging step's writes, on the training thread or the worker) and flushed
-        to disk on exit."""
-        with self._write_lock:
-            out = Output(kind.name, self.writer, step)
-            try:
-                yield out
-            finally:
-                out.flush()
+        """An :class:`Output` for work a kind finishes later on a thread of its own: written on exit under the
+        writer's lock (so never at the same time as a logging step's writes, on the training thread or the worker)
+        and flushed to disk."""
+        out = Output(kind.name, self.writer, step, self._write_lock)
+        try:
+            yield out
+        finally:
+            out.flush()
+            with self._write_lock:
                 self.writer.flush()
 
     def _log_tables(self, step: int) -> None:

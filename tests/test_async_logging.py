@@ -219,6 +219,64 @@ def test_max_pending_two_lets_two_steps_be_in_flight(tmp_path):
     assert slow.logged == [0, 1]
 
 
+def test_a_kind_on_the_training_thread_does_not_wait_for_the_workers_rendering(tmp_path):
+    """The worker holds the write lock for its writes alone: with two steps allowed in flight, a user kind that
+    logs on the training thread renders and writes while the worker is still rendering the step before (it waited
+    for that whole job when the lock was held around the rendering)."""
+    gate = threading.Event()
+    slow, fore = SlowKind(gate=gate), ForegroundKind()
+    vis = tiny_logger(tmp_path, kinds=[slow, fore], async_logging=True, max_pending=2)
+    vis.step(0)
+    fore.logged.clear()
+    assert slow.started.wait(10)  # the worker renders step 0 until the gate opens
+    done = threading.Thread(target=vis.step, args=(1,))
+    done.start()
+    done.join(10)
+    alive, logged = done.is_alive(), list(fore.logged)
+    gate.set()
+    done.join(10)
+    assert slow.finished.wait(10)  # step 0's log is done (it cleared the gate) ...
+    gate.set()  # ... and step 1's may go on
+    vis.close()
+    assert not alive and logged == [1]
+    acc = read_events(tmp_path)
+    assert [e.value for e in acc.Scalars("cnnvis/metrics/fore/x/step")] == [0.0, 1.0]
+    assert [e.value for e in acc.Scalars("cnnvis/metrics/slow/x/step")] == [0.0, 1.0]
+
+
+def test_writer_calls_of_a_kind_are_made_at_its_end_under_the_write_lock(tmp_path):
+    """What a kind writes through ``out.writer`` (histograms, a user's own add_* calls) is kept and written with its
+    pictures, under the write lock; other writer attributes pass through."""
+    seen: list[tuple[str, bool]] = []
+
+    class Direct(SlowKind):
+        name = "direct"
+
+        def log(self, ctx, out, computed):
+            out.writer.add_scalar("own/value", 3.0, ctx.step)
+            seen.append(("log_dir", out.writer.log_dir == str(tmp_path)))
+            seen.append(("locked while rendering", vis._write_lock.locked()))
+            out.writer.flush()  # passes through, under the lock
+            super().log(ctx, out, computed)
+
+    vis = tiny_logger(tmp_path, kinds=[Direct(), "histograms"], async_logging=True)
+    real = vis.writer.add_scalar
+    locked_at_write: list[bool] = []
+
+    def add_scalar(*args, **kwargs):
+        locked_at_write.append(vis._write_lock.locked())
+        return real(*args, **kwargs)
+
+    vis.writer.add_scalar = add_scalar
+    vis.step(0)
+    vis.close()
+    assert seen == [("log_dir", True), ("locked while rendering", False)]
+    assert locked_at_write and all(locked_at_write)
+    acc = read_events(tmp_path)
+    assert [e.value for e in acc.Scalars("own/value")] == [3.0]
+    assert any(tag.startswith("cnnvis/histograms/") for tag in acc.Tags()["histograms"])
+
+
 def test_the_steps_probe_pass_is_freed_before_the_worker_is_handed_the_step(tmp_path):
     """Freeing the probe pass (its tensors and autograd graph) can let go of the GIL; once the worker is awake it
     then keeps the GIL for the switch interval (5 ms) while the training thread waits, which doubled the blocking

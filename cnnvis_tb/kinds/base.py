@@ -39,6 +39,7 @@ A kind of one's own::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 
 from cnnvis_tb import tags
-from cnnvis_tb.events import PictureWriter
+from cnnvis_tb.events import PictureWriter, is_torch_writer
 from cnnvis_tb.layers import LayerTrace, conv_layers, default_cam_layer, find_layers, resolve_layer
 from cnnvis_tb.probe import Probe
 from cnnvis_tb.render import denormalize, to_uint8
@@ -219,19 +220,49 @@ class StepContext:
         return self.info.guard(what, self.step, fn)
 
 
+class _KeptWriter:
+    """The writer as a kind's ``log`` sees it (:attr:`Output.writer`): its ``add_*`` calls are kept and made by
+    :meth:`Output.flush`, under the logger's write lock, so a kind renders without holding that lock. Anything else
+    (``log_dir``, ``flush()``, ...) goes to the writer itself, calls under the lock."""
+
+    def __init__(self, writer, lock, calls: list) -> None:
+        self.__dict__.update(_writer=writer, _lock=lock, _calls=calls)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+        if name.startswith("add_"):
+            return lambda *args, **kwargs: self._calls.append((attr, args, kwargs))
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._writer, name, value)
+
+
 class Output:
     """Where a kind writes at one logging step: every tag in its own family ``cnnvis/<kind>/<layer>/<view>``.
 
-    Pictures are PNG-encoded on helper threads while the kind renders the next one and written in order when
-    the kind's step ends (also those made before a failure). ``writer`` is the ``SummaryWriter`` itself, for
-    what the helpers below do not cover.
+    Pictures are PNG-encoded on helper threads while the kind renders the next one. Nothing is written while the
+    kind renders: pictures, numbers and texts are written in order when the kind's step ends (also those made before
+    a failure), in one go under ``lock`` (the logger's write lock), so the training thread and the logger's worker
+    never wait for each other's rendering. ``writer`` stands for the ``SummaryWriter``, for what the helpers below
+    do not cover: its ``add_*`` calls are written with the rest.
     """
 
-    def __init__(self, kind: str, writer, step: int) -> None:
+    def __init__(self, kind: str, writer, step: int, lock=None) -> None:
         self.kind = kind
-        self.writer = writer
         self.step = step
-        self._pictures = PictureWriter(writer)
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._calls: list[tuple[Callable, tuple, dict]] = []  # the add_* calls, in order
+        self.writer = _KeptWriter(writer, self._lock, self._calls)
+        # PyTorch's writer gets encoded pictures at flush; another gets add_image calls, kept like the others
+        self._pictures = PictureWriter(writer if is_torch_writer(writer) else self.writer)
         self._panels: dict[str, dict[str, list[dict]]] = {}  # layer -> view -> panel records
 
     def image(self, layer: str, view: str, picture: torch.Tensor, panels: list[dict] | None = None) -> None:
@@ -262,12 +293,27 @@ class Output:
         self.writer.add_text(tags.text_tag(layer, self.kind), text, self.step)
 
     def flush(self) -> None:
-        """Write the pictures added so far, and their panel records (the logger calls this when the kind's step
-        ends)."""
-        self._pictures.flush()
+        """Write what was added so far: the writer calls, the pictures and their panel records, under the lock (the
+        logger calls this when the kind's step ends). A failed call does not keep the others from being written;
+        the first error is raised after them."""
         for layer, views in self._panels.items():
             self.writer.add_text(tags.panels_tag(self.kind, layer), tags.panels_text(views), self.step)
         self._panels.clear()
+        calls = self._calls[:]
+        self._calls.clear()
+        error: BaseException | None = None
+        with self._lock:
+            for call, args, kwargs in calls:
+                try:
+                    call(*args, **kwargs)
+                except Exception as e:
+                    error = error or e
+            try:
+                self._pictures.flush()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
 
 class Kind:
