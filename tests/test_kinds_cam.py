@@ -492,6 +492,22 @@ def test_leading_eigenvector_with_nearly_equal_eigenvalues_falls_back_to_eigh(mo
     assert torch.all((vectors.double() * expected).sum(1).abs() > 1 - 1e-4)
 
 
+def test_leading_eigenvector_of_a_clear_gap_stops_after_the_first_stage(monkeypatch):
+    """λ2/λ1 <= 0.8 (as in the CAM layers measured): G^64 passes the check, so 6 squarings and one check, not 10."""
+    import cnnvis_tb.kinds.cam_methods as methods
+
+    values = torch.linspace(0.01, 0.4, 64).repeat(3, 1)
+    values[:, -1] = 0.5
+    gram = _psd(values, seed=2).float()
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(methods.torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    vectors, _ = methods._leading_eigenvectors(gram)
+    assert len(calls) == methods._SQUARING_STAGES[0] + 1
+    expected = torch.linalg.eigh(gram.double())[1][:, :, -1]
+    assert torch.all((vectors.double() * expected).sum(1).abs() > 1 - 1e-5)
+
+
 def test_eigencam_of_a_dead_layer_is_zero_not_nan():
     from cnnvis_tb.kinds.gradcam import cam_from_gradients
 
