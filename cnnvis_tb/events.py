@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import zlib
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -145,6 +146,10 @@ class PictureWriter:
             except Exception as e:  # raised at flush, as a helper's failure would be
                 future.set_exception(e)
         self._pending.append((tag, tuple(image.shape), step, future))
+
+    def wait(self) -> None:
+        """Until every picture added so far is encoded (or failed to be: :meth:`flush` raises it)."""
+        futures.wait([pending[3] for pending in self._pending])
 
     def flush(self) -> None:
         """Write every picture added so far, in order; the first error of a picture that could not be encoded

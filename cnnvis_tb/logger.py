@@ -303,8 +303,8 @@ class VisLogger:
         self._closed = False
         self._stopped = False  # writing failed: nothing more is logged (training goes on)
         #: Held around every use of the writer (the writes and flushes of a logging step, on the training thread or
-        #: the worker, and of background kinds, :meth:`_open_output`), never while rendering or waiting for
-        #: anything else: the kinds' writes are kept by their :class:`Output` and made at its flush.
+        #: the worker, and of background kinds, :meth:`_open_output`), never while a kind renders or while waiting
+        #: for anything else: the kinds' writes are kept by their :class:`Output` and made at its flush.
         self._write_lock = threading.Lock()
         self._worker = _Worker(self.max_pending) if self._async and self._active else None
         if self._info is not None:  # None on the ranks of a sharded model that do not log

@@ -244,37 +244,123 @@ def test_a_kind_on_the_training_thread_does_not_wait_for_the_workers_rendering(t
     assert [e.value for e in acc.Scalars("cnnvis/metrics/slow/x/step")] == [0.0, 1.0]
 
 
-def test_writer_calls_of_a_kind_are_made_at_its_end_under_the_write_lock(tmp_path):
-    """What a kind writes through ``out.writer`` (histograms, a user's own add_* calls) is kept and written with its
-    pictures, under the write lock; other writer attributes pass through."""
+def _records_locked(vis) -> list[tuple[str, bool]]:
+    """Patch the event file writer: each record's tags, and whether the write lock was held when it was written."""
+    file_writer = vis.writer._get_file_writer()
+    real = file_writer.add_summary
+    written: list[tuple[str, bool]] = []
+
+    def add_summary(summary, *args, **kwargs):
+        written.extend((v.tag, vis._write_lock.locked()) for v in summary.value)
+        return real(summary, *args, **kwargs)
+
+    file_writer.add_summary = add_summary
+    return written
+
+
+@pytest.mark.parametrize("async_logging", [True, False])
+def test_writer_calls_of_a_kind_take_their_values_at_the_call_and_are_written_at_its_end(tmp_path, async_logging):
+    """What a kind writes through ``out.writer`` (histograms, a user's own add_* calls, a raw summary through its
+    file writer) is written after its rendering, with its pictures, in order and under the write lock, with the
+    values it had at the call (a reused buffer writes each value once). ``out.writer`` is still a SummaryWriter,
+    and other attributes pass through."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import scalar
+
     seen: list[tuple[str, bool]] = []
 
     class Direct(SlowKind):
         name = "direct"
 
         def log(self, ctx, out, computed):
-            out.writer.add_scalar("own/value", 3.0, ctx.step)
+            buffer = torch.zeros(50)
+            for i in range(3):  # one scratch buffer for every layer
+                buffer.fill_(float(i))
+                out.writer.add_scalar(f"own/s{i}", buffer[0], ctx.step)
+                out.writer.add_histogram(f"own/h{i}", buffer, ctx.step)
+            out.writer._get_file_writer().add_summary(scalar("own/raw", 7.0), ctx.step)
             seen.append(("log_dir", out.writer.log_dir == str(tmp_path)))
+            seen.append(("a SummaryWriter", isinstance(out.writer, SummaryWriter)))
             seen.append(("locked while rendering", vis._write_lock.locked()))
             out.writer.flush()  # passes through, under the lock
             super().log(ctx, out, computed)
 
-    vis = tiny_logger(tmp_path, kinds=[Direct(), "histograms"], async_logging=True)
-    real = vis.writer.add_scalar
-    locked_at_write: list[bool] = []
-
-    def add_scalar(*args, **kwargs):
-        locked_at_write.append(vis._write_lock.locked())
-        return real(*args, **kwargs)
-
-    vis.writer.add_scalar = add_scalar
+    vis = tiny_logger(tmp_path, kinds=[Direct(), "histograms"], async_logging=async_logging)
+    written = _records_locked(vis)
     vis.step(0)
     vis.close()
-    assert seen == [("log_dir", True), ("locked while rendering", False)]
-    assert locked_at_write and all(locked_at_write)
+    assert seen == [("log_dir", True), ("a SummaryWriter", True), ("locked while rendering", False)]
+    assert written and all(locked for _, locked in written)
+    own = [tag for tag, _ in written if tag.startswith("own/") or tag.endswith("direct/x/step")]
+    assert own == [f"own/{k}{i}" for i in range(3) for k in "sh"] + ["own/raw", "cnnvis/metrics/direct/x/step"]
     acc = read_events(tmp_path)
-    assert [e.value for e in acc.Scalars("own/value")] == [3.0]
+    assert [acc.Scalars(f"own/s{i}")[0].value for i in range(3)] == [0.0, 1.0, 2.0]
+    assert [acc.Histograms(f"own/h{i}")[0].histogram_value.max for i in range(3)] == [0.0, 1.0, 2.0]
+    assert [e.value for e in acc.Scalars("own/raw")] == [7.0]
     assert any(tag.startswith("cnnvis/histograms/") for tag in acc.Tags()["histograms"])
+
+
+def test_a_write_through_out_writer_after_log_returned_is_written_at_once(tmp_path):
+    """A kind that finishes work on a thread of its own (or keeps the writer) still gets its writes to the file."""
+    go, threads = threading.Event(), []
+
+    class Later(SlowKind):
+        name = "later"
+
+        def log(self, ctx, out, computed):
+            writer, step = out.writer, ctx.step
+
+            def finish():
+                assert go.wait(10)
+                writer.add_scalar("later/value", 5.0, step)
+
+            threads.append(threading.Thread(target=finish))
+            threads[-1].start()
+
+    vis = tiny_logger(tmp_path, kinds=[Later()], async_logging=True)
+    written = _records_locked(vis)
+    vis.log_now(0)
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    vis.close()
+    assert ("later/value", True) in written
+    assert [e.value for e in read_events(tmp_path).Scalars("later/value")] == [5.0]
+
+
+def test_a_writer_of_another_kind_gets_copies_of_the_arguments_under_the_lock(tmp_path):
+    """A writer that is not PyTorch's (any object with add_* methods) gets the same calls, made at the kind's end
+    under the write lock, with the arguments as they were at the call."""
+    calls: list[tuple[str, object, bool]] = []
+
+    class Duck:
+        log_dir = str(tmp_path)
+
+        def __getattr__(self, name):
+            if name.startswith("add_"):
+                return lambda tag, value, *a, **k: calls.append((tag, value, vis._write_lock.locked()))
+            raise AttributeError(name)
+
+        def flush(self):
+            pass
+
+    class Reuse(SlowKind):
+        name = "reuse"
+
+        def log(self, ctx, out, computed):
+            buffer = torch.zeros(3)
+            for i in range(2):
+                buffer.fill_(float(i))
+                out.writer.add_histogram(f"own/h{i}", buffer, ctx.step)
+            assert isinstance(out.writer, Duck)
+
+    vis = tiny_logger(None, writer=Duck(), kinds=[Reuse(), "kernels"], async_logging=True)
+    vis.log_now(0)
+    vis.close()
+    own = [(tag, value.tolist()) for tag, value, _ in calls if tag.startswith("own/")]
+    assert own == [("own/h0", [0.0] * 3), ("own/h1", [1.0] * 3)]
+    assert any(tag.startswith("cnnvis/kernels/") for tag, _, _ in calls)
+    assert all(locked for _, _, locked in calls)
 
 
 def test_the_steps_probe_pass_is_freed_before_the_worker_is_handed_the_step(tmp_path):

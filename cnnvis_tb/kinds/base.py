@@ -40,6 +40,7 @@ A kind of one's own::
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -220,20 +221,45 @@ class StepContext:
         return self.info.guard(what, self.step, fn)
 
 
-class _KeptWriter:
-    """The writer as a kind's ``log`` sees it (:attr:`Output.writer`): its ``add_*`` calls are kept and made by
-    :meth:`Output.flush`, under the logger's write lock, so a kind renders without holding that lock. Anything else
-    (``log_dir``, ``flush()``, ...) goes to the writer itself, calls under the lock."""
+def _kept(value: object) -> object:
+    """``value`` as it is now: tensors and arrays are copied, so a buffer the kind reuses writes what it held."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if hasattr(value, "__array_interface__") and hasattr(value, "copy"):  # numpy arrays
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _kept(v) for k, v in value.items()}
+    return value
 
-    def __init__(self, writer, lock, calls: list) -> None:
-        self.__dict__.update(_writer=writer, _lock=lock, _calls=calls)
+
+class _KeptWriter:
+    """A writer (or PyTorch's event file writer) as a kind sees it while it renders: its ``add_*`` calls are kept,
+    with their arguments as they are at the call, and made by :meth:`Output.flush` under the logger's write lock;
+    once the kind's step has ended they are made at once, under the lock. Anything else (``log_dir``,
+    ``flush()``, ...) goes to the object itself, calls under the lock. ``isinstance`` sees the object's class."""
+
+    def __init__(self, target, lock, calls: list, *, copy_args: bool) -> None:
+        self.__dict__.update(_target=target, _lock=lock, _calls=calls, _copy_args=copy_args, _passing=False)
+
+    @property
+    def __class__(self):  # noqa: D105 (isinstance(out.writer, TheirWriter) holds)
+        return type(self._target)
 
     def __getattr__(self, name: str):
-        attr = getattr(self._writer, name)
+        attr = getattr(self._target, name)
         if not callable(attr):
             return attr
         if name.startswith("add_"):
-            return lambda *args, **kwargs: self._calls.append((attr, args, kwargs))
+            def kept(*args, **kwargs):
+                if self._passing:  # after the kind's step (a thread of the kind's own, a kept reference)
+                    with self._lock:
+                        return attr(*args, **kwargs)
+                if self._copy_args:
+                    args, kwargs = tuple(_kept(a) for a in args), {k: _kept(v) for k, v in kwargs.items()}
+                self._calls.append((attr, args, kwargs))
+                return None
+
+            return kept
 
         def locked(*args, **kwargs):
             with self._lock:
@@ -242,7 +268,23 @@ class _KeptWriter:
         return locked
 
     def __setattr__(self, name: str, value) -> None:
-        setattr(self._writer, name, value)
+        setattr(self._target, name, value)
+
+    def _pass_through(self) -> None:
+        """From now on ``add_*`` calls are made at once (under the lock)."""
+        self.__dict__["_passing"] = True
+
+
+def _summary_writer_for(writer, lock, calls: list) -> tuple[object, _KeptWriter]:
+    """For PyTorch's ``SummaryWriter``: a shallow copy of it whose event file writer keeps its records. Its
+    ``add_*`` methods build their summaries at the call (values, figures and histograms as they are then; the
+    binning and encoding outside the lock), and only the records' writes wait for :meth:`Output.flush`."""
+    with lock:
+        file_writer = writer._get_file_writer()
+    records = _KeptWriter(file_writer, lock, calls, copy_args=False)
+    own = copy.copy(writer)
+    own.file_writer, own.all_writers = records, {file_writer.get_logdir(): records}
+    return own, records
 
 
 class Output:
@@ -251,18 +293,22 @@ class Output:
     Pictures are PNG-encoded on helper threads while the kind renders the next one. Nothing is written while the
     kind renders: pictures, numbers and texts are written in order when the kind's step ends (also those made before
     a failure), in one go under ``lock`` (the logger's write lock), so the training thread and the logger's worker
-    never wait for each other's rendering. ``writer`` stands for the ``SummaryWriter``, for what the helpers below
-    do not cover: its ``add_*`` calls are written with the rest.
+    never wait for each other's rendering. ``writer`` is the writer for what the helpers below do not cover (for
+    PyTorch's ``SummaryWriter``, a copy of it): its ``add_*`` calls take their values at the call and are written
+    with the rest.
     """
 
     def __init__(self, kind: str, writer, step: int, lock=None) -> None:
         self.kind = kind
         self.step = step
         self._lock = lock if lock is not None else contextlib.nullcontext()
-        self._calls: list[tuple[Callable, tuple, dict]] = []  # the add_* calls, in order
-        self.writer = _KeptWriter(writer, self._lock, self._calls)
-        # PyTorch's writer gets encoded pictures at flush; another gets add_image calls, kept like the others
-        self._pictures = PictureWriter(writer if is_torch_writer(writer) else self.writer)
+        self._calls: list[tuple[Callable, tuple, dict]] = []  # the kept writes, in order
+        if is_torch_writer(writer):
+            self.writer, self._kept = _summary_writer_for(writer, self._lock, self._calls)
+            self._pictures = PictureWriter(writer)  # encoded pictures, written by flush
+        else:  # another writer's add_* calls (add_image for pictures too) are kept with copies of their arguments
+            self.writer = self._kept = _KeptWriter(writer, self._lock, self._calls, copy_args=True)
+            self._pictures = PictureWriter(self.writer)
         self._panels: dict[str, dict[str, list[dict]]] = {}  # layer -> view -> panel records
 
     def image(self, layer: str, view: str, picture: torch.Tensor, panels: list[dict] | None = None) -> None:
@@ -294,15 +340,18 @@ class Output:
 
     def flush(self) -> None:
         """Write what was added so far: the writer calls, the pictures and their panel records, under the lock (the
-        logger calls this when the kind's step ends). A failed call does not keep the others from being written;
-        the first error is raised after them."""
+        logger calls this when the kind's step ends; the pictures' encoding is waited for before the lock is taken).
+        Writes made through :attr:`writer` after this are made at once. A failed write does not keep the others
+        from being written; the first error is raised after them."""
         for layer, views in self._panels.items():
             self.writer.add_text(tags.panels_tag(self.kind, layer), tags.panels_text(views), self.step)
         self._panels.clear()
-        calls = self._calls[:]
-        self._calls.clear()
+        self._pictures.wait()
         error: BaseException | None = None
         with self._lock:
+            calls = self._calls[:]
+            self._calls.clear()
+            self._kept._pass_through()
             for call, args, kwargs in calls:
                 try:
                     call(*args, **kwargs)
