@@ -328,17 +328,134 @@ def test_a_write_through_out_writer_after_log_returned_is_written_at_once(tmp_pa
     assert [e.value for e in read_events(tmp_path).Scalars("later/value")] == [5.0]
 
 
+def test_a_write_racing_with_the_kinds_flush_is_not_lost(tmp_path):
+    """A thread of the kind's own writing while the kind's step ends: its call is either kept and written by the
+    flush, or made at once after it, never appended to a list the flush has already taken. The thread is held
+    between the check and the append until the flush has passed (for at most 1 s)."""
+    at_append, passed, threads = threading.Event(), threading.Event(), []
+
+    class HeldAppend(list):
+        def append(self, item):
+            at_append.set()
+            passed.wait(1)
+            super().append(item)
+
+    class Racing(SlowKind):
+        name = "racing"
+
+        def log(self, ctx, out, computed):
+            calls = HeldAppend()
+            out._calls = calls
+            out._kept.__dict__["_calls"] = calls
+            real = out._kept._pass_through
+
+            def pass_through():  # in the flush: once the thread is inside its write
+                at_append.wait(1)
+                real()
+                passed.set()
+
+            out._kept.__dict__["_pass_through"] = pass_through
+            writer, step = out.writer, ctx.step
+            threads.append(threading.Thread(target=lambda: writer.add_scalar("racing/value", 5.0, step)))
+            threads[-1].start()
+
+    vis = tiny_logger(tmp_path, kinds=[Racing()], async_logging=False)
+    vis.log_now(0)
+    for thread in threads:
+        thread.join(10)
+    vis.close()
+    assert [e.value for e in read_events(tmp_path).Scalars("racing/value")] == [5.0]
+
+
+def test_the_users_writer_closed_while_a_kind_renders_is_reopened_not_a_failed_write(tmp_path):
+    """PyTorch's SummaryWriter reopens its event file when used after close() (Lightning's finalize closes it in
+    mid-training): a kind's writes go to the writer's file writer of the moment they are made."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    rendering, closed = threading.Event(), threading.Event()
+
+    class Closing(SlowKind):
+        name = "closing"
+
+        def log(self, ctx, out, computed):
+            if ctx.step == 0:
+                rendering.set()
+                assert closed.wait(10)  # the user closes the writer while this kind renders
+            out.image("x", "pic", torch.rand(3, 8, 8))
+            super().log(ctx, out, computed)
+
+    writer = SummaryWriter(str(tmp_path))
+    vis = tiny_logger(None, writer=writer, kinds=[Closing()], async_logging=True)
+    vis.step(0)
+    assert rendering.wait(10)
+    writer.close()
+    closed.set()
+    vis.step(1)
+    vis.close()
+    writer.close()
+    assert not vis._stopped
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Scalars("cnnvis/metrics/closing/x/step")] == [0, 1]
+    assert [e.step for e in acc.Images("cnnvis/closing/x/pic")] == [0, 1]
+
+
+def test_closing_out_writer_leaves_the_users_writer_open(tmp_path):
+    """``with out.writer as w:`` (or ``out.writer.close()``) in a kind flushes: the event file writer is the
+    user's too, and closing it under the user's writer would break every later write of theirs."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    class Closes(SlowKind):
+        name = "closes"
+        log_in_background = False
+
+        def log(self, ctx, out, computed):
+            with out.writer as w:
+                w.add_scalar("own/v", 1.0, ctx.step)
+            super().log(ctx, out, computed)
+
+    writer = SummaryWriter(str(tmp_path))
+    vis = tiny_logger(None, writer=writer, kinds=[Closes()])
+    vis.log_now(0)
+    vis.log_now(1)
+    vis.close()
+    writer.add_scalar("user/after", 1.0, 2)
+    writer.close()
+    acc = read_events(tmp_path)
+    assert {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} == {
+        "own/v": [0, 1], "cnnvis/metrics/closes/x/step": [0, 1], "user/after": [2]}
+
+
+def test_a_picture_added_after_the_kinds_step_is_written(tmp_path):
+    later: list = []
+
+    class Keeps(SlowKind):
+        name = "keeps"
+
+        def log(self, ctx, out, computed):
+            later.append(out)
+
+    vis = tiny_logger(tmp_path, kinds=[Keeps()], async_logging=True)
+    vis.log_now(0)
+    later[0].image("x", "late", torch.rand(3, 8, 8))
+    vis.close()
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/keeps/x/late")] == [0]
+
+
 def test_a_writer_of_another_kind_gets_copies_of_the_arguments_under_the_lock(tmp_path):
     """A writer that is not PyTorch's (any object with add_* methods) gets the same calls, made at the kind's end
     under the write lock, with the arguments as they were at the call."""
     calls: list[tuple[str, object, bool]] = []
+
+    class Figure:  # a stand-in for a matplotlib figure: the writer reads it at its add_figure call
+        title = ""
 
     class Duck:
         log_dir = str(tmp_path)
 
         def __getattr__(self, name):
             if name.startswith("add_"):
-                return lambda tag, value, *a, **k: calls.append((tag, value, vis._write_lock.locked()))
+                return lambda tag, value, *a, **k: calls.append(
+                    (tag, value.title if isinstance(value, Figure) else value, vis._write_lock.locked()))
             raise AttributeError(name)
 
         def flush(self):
@@ -348,17 +465,23 @@ def test_a_writer_of_another_kind_gets_copies_of_the_arguments_under_the_lock(tm
         name = "reuse"
 
         def log(self, ctx, out, computed):
-            buffer = torch.zeros(3)
+            buffer, listed, figure = torch.zeros(3), [torch.zeros(())], Figure()
             for i in range(2):
                 buffer.fill_(float(i))
+                listed[0].fill_(float(i))
+                figure.title = f"layer {i}"
                 out.writer.add_histogram(f"own/h{i}", buffer, ctx.step)
+                out.writer.add_histogram(f"own/list{i}", listed, ctx.step)
+                out.writer.add_figure(f"own/fig{i}", figure, ctx.step)  # rendered at its call: not kept
             assert isinstance(out.writer, Duck)
 
     vis = tiny_logger(None, writer=Duck(), kinds=[Reuse(), "kernels"], async_logging=True)
     vis.log_now(0)
     vis.close()
-    own = [(tag, value.tolist()) for tag, value, _ in calls if tag.startswith("own/")]
-    assert own == [("own/h0", [0.0] * 3), ("own/h1", [1.0] * 3)]
+    own = {tag: value if isinstance(value, str) else torch.as_tensor(value).tolist()
+           for tag, value, _ in calls if tag.startswith("own/")}
+    assert own == {"own/h0": [0.0] * 3, "own/h1": [1.0] * 3, "own/list0": [0.0], "own/list1": [1.0],
+                   "own/fig0": "layer 0", "own/fig1": "layer 1"}
     assert any(tag.startswith("cnnvis/kernels/") for tag, _, _ in calls)
     assert all(locked for _, _, locked in calls)
 

@@ -43,6 +43,7 @@ import contextlib
 import copy
 import difflib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -229,6 +230,8 @@ def _kept(value: object) -> object:
         return value.copy()
     if isinstance(value, dict):
         return {k: _kept(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_kept(v) for v in value) if type(value) in (list, tuple) else value
     return value
 
 
@@ -238,8 +241,10 @@ class _KeptWriter:
     once the kind's step has ended they are made at once, under the lock. Anything else (``log_dir``,
     ``flush()``, ...) goes to the object itself, calls under the lock. ``isinstance`` sees the object's class."""
 
-    def __init__(self, target, lock, calls: list, *, copy_args: bool) -> None:
-        self.__dict__.update(_target=target, _lock=lock, _calls=calls, _copy_args=copy_args, _passing=False)
+    def __init__(self, target, lock, calls: list, *, copy_args: bool, current=None) -> None:
+        # current(): the object to write to when a call is made (PyTorch's writer may have reopened its file writer)
+        self.__dict__.update(_target=target, _lock=lock, _calls=calls, _copy_args=copy_args, _passing=False,
+                             _current=current or (lambda: target), _state=threading.Lock())
 
     @property
     def __class__(self):  # noqa: D105 (isinstance(out.writer, TheirWriter) holds)
@@ -250,14 +255,20 @@ class _KeptWriter:
         if not callable(attr):
             return attr
         if name.startswith("add_"):
+            def write(*args, **kwargs):
+                return getattr(self._current(), name)(*args, **kwargs)
+
             def kept(*args, **kwargs):
-                if self._passing:  # after the kind's step (a thread of the kind's own, a kept reference)
-                    with self._lock:
-                        return attr(*args, **kwargs)
                 if self._copy_args:
                     args, kwargs = tuple(_kept(a) for a in args), {k: _kept(v) for k, v in kwargs.items()}
-                self._calls.append((attr, args, kwargs))
-                return None
+                with self._state:  # the check and the append in one go, against Output.flush's hand-over
+                    if not self._passing and not (self._copy_args and name == "add_figure"):
+                        self._calls.append((write, args, kwargs))
+                        return None
+                # after the kind's step (a thread of the kind's own, a kept reference), or a figure for a writer
+                # other than PyTorch's (it renders the figure when it writes; it cannot be copied)
+                with self._lock:
+                    return write(*args, **kwargs)
 
             return kept
 
@@ -281,9 +292,10 @@ def _summary_writer_for(writer, lock, calls: list) -> tuple[object, _KeptWriter]
     binning and encoding outside the lock), and only the records' writes wait for :meth:`Output.flush`."""
     with lock:
         file_writer = writer._get_file_writer()
-    records = _KeptWriter(file_writer, lock, calls, copy_args=False)
+    records = _KeptWriter(file_writer, lock, calls, copy_args=False, current=writer._get_file_writer)
     own = copy.copy(writer)
     own.file_writer, own.all_writers = records, {file_writer.get_logdir(): records}
+    own.close = own.flush  # (and __exit__): the event file writer is shared with the user's writer, which stays open
     return own, records
 
 
@@ -329,6 +341,8 @@ class Output:
         self._pictures.add(tags.image_tag(self.kind, layer, view), picture, self.step)
         if panels:
             self._panels.setdefault(layer, {})[view] = panels
+        if self._kept._passing:  # after the kind's step: written at once
+            self.flush()
 
     def scalar(self, layer: str, name: str, value: float) -> None:
         """One number under ``cnnvis/metrics/<kind>/<layer>/<name>`` (the Scalars tab and tbparse read it)."""
@@ -349,9 +363,10 @@ class Output:
         self._pictures.wait()
         error: BaseException | None = None
         with self._lock:
-            calls = self._calls[:]
-            self._calls.clear()
-            self._kept._pass_through()
+            with self._kept._state:
+                calls = self._calls[:]
+                self._calls.clear()
+                self._kept._pass_through()
             for call, args, kwargs in calls:
                 try:
                     call(*args, **kwargs)
