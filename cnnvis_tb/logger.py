@@ -633,10 +633,14 @@ class VisLogger:
 
     def _write_failed(self, error: BaseException) -> None:
         """Writing the events failed (disk full, file-size limit, folder gone, the writer's thread dead): warn once
-        and stop logging, so training goes on and no later step fails again; raise under strict."""
-        self._stopped = True
+        and stop logging, so training goes on and no later step fails again; raise under strict. Warned once, also
+        when the worker or a background kind's thread fails to write at the same time."""
+        with self._warn_lock:
+            first, self._stopped = not self._stopped, True
         if self.strict:
             raise error
+        if not first:
+            return
         warnings.warn(f"cnnvis_tb: writing to {self._where()} failed ({type(error).__name__}: {error}); the logger "
                       "stops writing and training continues. Events written before stay readable; free space or "
                       "fix the folder and create a new VisLogger to log again.", RuntimeWarning, stacklevel=4)
@@ -746,9 +750,13 @@ class VisLogger:
         try:
             yield out
         finally:
-            out.flush()
-            with self._write_lock:
-                self.writer.flush()
+            if not self._stopped:  # a failed write stopped logging: nothing more is written
+                try:
+                    out.flush()
+                    with self._write_lock:
+                        self.writer.flush()
+                except OSError as e:  # as at a logging step: warned once, logging stops (raised under strict)
+                    self._write_failed(e)
 
     def _log_tables(self, step: int) -> None:
         """The layer table and the kinds table (label and order of every kind for the tab), once per run."""

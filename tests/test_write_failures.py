@@ -116,6 +116,56 @@ def test_a_dead_writer_thread_warns_once_and_training_completes(tmp_path):
     assert [e.step for e in read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")] == [0]
 
 
+def test_a_background_kinds_failed_write_stops_logging_once_like_a_logging_steps(tmp_path):
+    """Work a kind finishes on a thread of its own (as background activation maximization and DeepDream do, through
+    ``ctx.info.open_output``) that fails to write warns once and stops the logger, as a logging step's write does,
+    instead of raising into that thread."""
+    import threading
+
+    from cnnvis_tb.kinds import Kind
+
+    gate, failures = threading.Event(), []
+
+    class Later(Kind):
+        name, label, every, layer_role = "later", "Later", 1, None
+
+        def log(self, ctx, out, computed):
+            if ctx.step:
+                return
+            info, step = ctx.info, ctx.step
+
+            def finish():
+                assert gate.wait(10)
+                try:
+                    with info.open_output(self, step) as later:
+                        later.scalar("x", "value", 1.0)
+                except Exception as e:
+                    failures.append(e)
+
+            self.thread = threading.Thread(target=finish)
+            self.thread.start()
+
+    def disk_full(_data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    kind = Later()
+    model = TinyCNN()
+    probe, labels = make_batch(1, n=2)
+    vis = VisLogger(model, tmp_path, probe=probe, probe_labels=labels, every=1, kinds=["kernels", kind])
+
+    def fill_the_disk_then_finish():
+        vis.wait()  # step 0 is written
+        vis.writer._get_file_writer().event_writer._async_writer._writer.write = disk_full
+        gate.set()
+        kind.thread.join(10)
+        assert vis._stopped
+
+    ours = _train_with(vis, model, between=fill_the_disk_then_finish)
+    assert failures == []
+    assert len(ours) == 1 and "No space left on device" in ours[0]
+    assert [e.step for e in read_events(tmp_path).Images("cnnvis/kernels/stem.0/grid")] == [0]
+
+
 def test_the_log_dir_removed_mid_run_warns_once_and_training_completes(tmp_path):
     model = TinyCNN()
     probe, labels = make_batch(2, n=2)
