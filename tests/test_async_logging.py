@@ -344,17 +344,16 @@ def test_a_write_racing_with_the_kinds_flush_is_not_lost(tmp_path):
         name = "racing"
 
         def log(self, ctx, out, computed):
-            calls = HeldAppend()
-            out._calls = calls
-            out._kept.__dict__["_calls"] = calls
-            real = out._kept._pass_through
+            out._kept.__dict__["_calls"] = HeldAppend()
+            real = out._kept._hand_over
 
-            def pass_through():  # in the flush: once the thread is inside its write
+            def hand_over():  # in the flush: once the thread is inside its write
                 at_append.wait(1)
-                real()
+                taken = real()
                 passed.set()
+                return taken
 
-            out._kept.__dict__["_pass_through"] = pass_through
+            out._kept.__dict__["_hand_over"] = hand_over
             writer, step = out.writer, ctx.step
             threads.append(threading.Thread(target=lambda: writer.add_scalar("racing/value", 5.0, step)))
             threads[-1].start()

@@ -230,8 +230,8 @@ def _kept(value: object) -> object:
         return value.copy()
     if isinstance(value, dict):
         return {k: _kept(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_kept(v) for v in value) if type(value) in (list, tuple) else value
+    if type(value) in (list, tuple):  # (a named tuple or other subclass is passed as it is)
+        return type(value)(_kept(v) for v in value)
     return value
 
 
@@ -241,9 +241,9 @@ class _KeptWriter:
     once the kind's step has ended they are made at once, under the lock. Anything else (``log_dir``,
     ``flush()``, ...) goes to the object itself, calls under the lock. ``isinstance`` sees the object's class."""
 
-    def __init__(self, target, lock, calls: list, *, copy_args: bool, current=None) -> None:
+    def __init__(self, target, lock, *, copy_args: bool, current=None) -> None:
         # current(): the object to write to when a call is made (PyTorch's writer may have reopened its file writer)
-        self.__dict__.update(_target=target, _lock=lock, _calls=calls, _copy_args=copy_args, _passing=False,
+        self.__dict__.update(_target=target, _lock=lock, _calls=[], _copy_args=copy_args, _passing=False,
                              _current=current or (lambda: target), _state=threading.Lock())
 
     @property
@@ -261,7 +261,7 @@ class _KeptWriter:
             def kept(*args, **kwargs):
                 if self._copy_args:
                     args, kwargs = tuple(_kept(a) for a in args), {k: _kept(v) for k, v in kwargs.items()}
-                with self._state:  # the check and the append in one go, against Output.flush's hand-over
+                with self._state:  # the check and the append in one go, against the hand-over
                     if not self._passing and not (self._copy_args and name == "add_figure"):
                         self._calls.append((write, args, kwargs))
                         return None
@@ -281,18 +281,22 @@ class _KeptWriter:
     def __setattr__(self, name: str, value) -> None:
         setattr(self._target, name, value)
 
-    def _pass_through(self) -> None:
-        """From now on ``add_*`` calls are made at once (under the lock)."""
-        self.__dict__["_passing"] = True
+    def _hand_over(self) -> list[tuple[Callable, tuple, dict]]:
+        """The calls kept so far, in order (for :meth:`Output.flush` to make); from now on ``add_*`` calls are made
+        at once (under the lock)."""
+        with self._state:
+            calls, self.__dict__["_calls"] = self._calls, []
+            self.__dict__["_passing"] = True
+        return calls
 
 
-def _summary_writer_for(writer, lock, calls: list) -> tuple[object, _KeptWriter]:
+def _summary_writer_for(writer, lock) -> tuple[object, _KeptWriter]:
     """For PyTorch's ``SummaryWriter``: a shallow copy of it whose event file writer keeps its records. Its
     ``add_*`` methods build their summaries at the call (values, figures and histograms as they are then; the
     binning and encoding outside the lock), and only the records' writes wait for :meth:`Output.flush`."""
     with lock:
         file_writer = writer._get_file_writer()
-    records = _KeptWriter(file_writer, lock, calls, copy_args=False, current=writer._get_file_writer)
+    records = _KeptWriter(file_writer, lock, copy_args=False, current=writer._get_file_writer)
     own = copy.copy(writer)
     own.file_writer, own.all_writers = records, {file_writer.get_logdir(): records}
     own.close = own.flush  # (and __exit__): the event file writer is shared with the user's writer, which stays open
@@ -314,12 +318,11 @@ class Output:
         self.kind = kind
         self.step = step
         self._lock = lock if lock is not None else contextlib.nullcontext()
-        self._calls: list[tuple[Callable, tuple, dict]] = []  # the kept writes, in order
-        if is_torch_writer(writer):
-            self.writer, self._kept = _summary_writer_for(writer, self._lock, self._calls)
+        if is_torch_writer(writer):  # self._kept: where the writes are kept until flush
+            self.writer, self._kept = _summary_writer_for(writer, self._lock)
             self._pictures = PictureWriter(writer)  # encoded pictures, written by flush
         else:  # another writer's add_* calls (add_image for pictures too) are kept with copies of their arguments
-            self.writer = self._kept = _KeptWriter(writer, self._lock, self._calls, copy_args=True)
+            self.writer = self._kept = _KeptWriter(writer, self._lock, copy_args=True)
             self._pictures = PictureWriter(self.writer)
         self._panels: dict[str, dict[str, list[dict]]] = {}  # layer -> view -> panel records
 
@@ -363,11 +366,7 @@ class Output:
         self._pictures.wait()
         error: BaseException | None = None
         with self._lock:
-            with self._kept._state:
-                calls = self._calls[:]
-                self._calls.clear()
-                self._kept._pass_through()
-            for call, args, kwargs in calls:
+            for call, args, kwargs in self._kept._hand_over():
                 try:
                     call(*args, **kwargs)
                 except Exception as e:

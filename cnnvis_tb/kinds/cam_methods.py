@@ -172,15 +172,11 @@ def _leading_eigenvectors(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if not _SQUARING_SIZES[0] <= d <= _SQUARING_SIZES[1]:
         return _by_eigh(gram)
     power = _trace_normalized_(gram.clone())
-    vectors = values = None
+    vectors, values = gram.new_empty(gram.shape[:2]), gram.new_empty(gram.shape[:1])
     todo = torch.arange(gram.shape[0], device=gram.device)  # the matrices not converged yet
     for times in _SQUARING_STAGES:
         power = _squared(power, times)
-        found, rho, unsure = _checked(gram[todo], power)
-        if vectors is None:
-            vectors, values = found, rho
-        else:
-            vectors[todo], values[todo] = found, rho
+        vectors[todo], values[todo], unsure = _checked(gram[todo], power)
         if not unsure.any():
             return vectors, values
         todo, power = todo[unsure], power[unsure]
